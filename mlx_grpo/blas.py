@@ -1,0 +1,113 @@
+"""Load an optimised BLAS for MLX's Linux CPU backend before `mlx.core` is imported.
+
+The `mlx[cpu]` wheel links against the reference BLAS (about 2 GFLOP/s for fp32 matmul). MLX
+resolves `cblas_*` symbols at load time, so a library loaded earlier with RTLD_GLOBAL wins.
+
+Search order: $MLX_GRPO_BLAS (a path, or "none" to skip), the system's OpenBLAS, then the
+`cmeel-openblas` wheel that this project depends on. That wheel needs `libgfortran.so.5`; when
+the system has none we reuse the copy bundled in the mlx wheel, whose SONAME auditwheel renamed,
+by writing a copy with the standard SONAME to a cache directory and preloading it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+FIX_HINT = "install Debian's libopenblas0-pthread (apt-get install libopenblas0-pthread) or `uv sync` to get cmeel-openblas"
+
+loaded_blas: str | None = None  # path of the library we loaded, for logs and benchmarks
+_attempted = False
+
+
+def _site_dirs() -> list[Path]:
+    dirs = [Path(p) for p in sys.path if p.endswith("site-packages")]
+    dirs.append(Path(sysconfig.get_paths()["purelib"]))
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def _system_openblas() -> list[str]:
+    candidates = glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0")
+    candidates += glob.glob("/usr/lib/*-linux-gnu/libopenblas.so.0")
+    found = ctypes.util.find_library("openblas")
+    if found:
+        candidates.append(found)
+    return candidates
+
+
+def _gfortran_with_standard_soname(mlx_libs: Path) -> str | None:
+    """Copy mlx's bundled libgfortran with its SONAME set to `libgfortran.so.5`; return the path."""
+    bundled = sorted(mlx_libs.glob("libgfortran-*.so*"))
+    if not bundled:
+        return None
+    source = bundled[0]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo" / "blas"
+    target = cache / f"{source.name}.libgfortran.so.5"
+    if not target.exists():
+        data = source.read_bytes()
+        old = source.name.encode() + b"\0"
+        new = b"libgfortran.so.5\0"
+        if data.count(old) != 1 or len(new) > len(old):
+            return None
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
+            tmp.write(data.replace(old, new.ljust(len(old), b"\0")))
+        os.replace(tmp.name, target)
+    # libgfortran needs mlx's renamed libquadmath; load it by path so its SONAME is known.
+    for quadmath in mlx_libs.glob("libquadmath-*.so*"):
+        ctypes.CDLL(str(quadmath), mode=ctypes.RTLD_GLOBAL)
+    return str(target)
+
+
+def _cmeel_openblas() -> str | None:
+    for site in _site_dirs():
+        lib = site / "cmeel.prefix" / "lib" / "libopenblas.so.0"
+        if not lib.exists():
+            continue
+        if not ctypes.util.find_library("gfortran"):
+            gfortran = _gfortran_with_standard_soname(site / "mlx_cpu.libs")
+            if gfortran is None:
+                return None
+            ctypes.CDLL(gfortran, mode=ctypes.RTLD_GLOBAL)
+        return str(lib)
+    return None
+
+
+def load_optimized_blas() -> str | None:
+    """Load the fastest available BLAS globally (Linux only); warn once if there is none."""
+    global loaded_blas, _attempted
+    if _attempted or not sys.platform.startswith("linux"):
+        return loaded_blas
+    _attempted = True
+    override = os.environ.get("MLX_GRPO_BLAS", "")
+    if override.lower() == "none":
+        return None
+    if "mlx.core" in sys.modules:
+        warnings.warn("mlx.core was imported before mlx_grpo; MLX keeps its reference BLAS (slow on CPU)")
+        return None
+    candidates = [override] if override else _system_openblas()
+    for path in candidates:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            loaded_blas = path
+            return loaded_blas
+        except OSError:
+            continue
+    if not override:
+        try:
+            path = _cmeel_openblas()
+            if path:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                loaded_blas = path
+                return loaded_blas
+        except OSError:
+            pass
+    warnings.warn(f"no optimised BLAS found; MLX's CPU matmuls will be ~50x slower. Fix: {FIX_HINT}")
+    return None
