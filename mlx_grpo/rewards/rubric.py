@@ -1,0 +1,265 @@
+"""The rubric YAML: a named list of weighted criteria, each a programmatic check or a teacher judge.
+
+    name: math
+    teacher: {...}             # optional; the LLM that scores `judge` criteria
+    criteria:
+      - name: Answer
+        weight: 0.8
+        check: number_check    # a name in CHECKS ...
+        params: {abs_tol: 0}   # ... with optional keyword arguments for it
+      - name: Style
+        weight: 0.2
+        judge: "Clear, short reasoning. 10 = excellent, 0 = unreadable."   # ... or teacher text
+        scale: [0, 10]         # the judge's score range, mapped to [0, 1]
+
+`load_rubric` validates everything up front so a typo fails before training starts, with a
+one-line `UserInputError` naming the file, the criterion and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mlx_grpo.errors import UserInputError
+from mlx_grpo.rewards.checks import CHECKS
+from mlx_grpo.rewards.interpolate import interpolate
+
+TOP_KEYS = ("name", "criteria", "teacher")
+CRITERION_KEYS = ("name", "weight", "check", "params", "judge", "scale")
+
+
+@dataclass
+class Criterion:
+    name: str
+    weight: float
+    check: str | None = None  # a key of CHECKS, or None for a judge criterion
+    params: dict = field(default_factory=dict)  # keyword arguments for the check
+    judge: str | None = None  # the teacher's instructions for this criterion
+    scale: tuple[float, float] = (0.0, 10.0)  # the judge's score range, mapped to [0, 1]
+
+
+@dataclass
+class Rubric:
+    name: str
+    criteria: list[Criterion]
+    path: str
+    version: str  # short sha256 of the file's bytes, so logs say exactly which rubric scored
+    teacher: dict | None = None  # the raw `teacher:` block, validated by the teacher client
+
+    @property
+    def total_weight(self) -> float:
+        return sum(c.weight for c in self.criteria)
+
+
+def load_rubric(path: str | os.PathLike) -> Rubric:
+    """Read, interpolate `${VAR}` / `${VAR:-default}` in string values, and validate a rubric."""
+    where = str(path)
+    raw = _read(Path(path), where)
+    data = _parse(raw, where)
+
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise UserInputError(f"{where}: unknown top-level key {_names(unknown)}{_hint(unknown[0], TOP_KEYS)} "
+                             f"(valid keys: {', '.join(TOP_KEYS)})")
+    name = _expand(data.get("name", Path(path).stem), where, "name")
+    if not isinstance(name, str) or not name.strip():
+        raise UserInputError(f"{where}: name must be a non-empty string, got {name!r}")
+    teacher = _expand(data.get("teacher"), where, "teacher")
+    if teacher is not None and not isinstance(teacher, dict):
+        raise UserInputError(f"{where}: teacher must be a mapping (model, base_url, ...), got {_kind(teacher)}")
+
+    criteria = _criteria(data, where)
+    judged = [(i, c) for i, c in enumerate(criteria) if c.judge is not None]
+    if judged:
+        i, c = judged[0]
+        if teacher is None:
+            raise UserInputError(f"{where}: criteria[{i}] ({c.name}): judge needs a teacher: block "
+                                 "naming the LLM that scores it")
+        raise UserInputError(f"{where}: criteria[{i}] ({c.name}): judge: teacher-judged criteria are not "
+                             "supported in this version yet; use a programmatic check")
+    total = sum(c.weight for c in criteria)
+    if not (total > 0 and math.isfinite(total)):
+        raise UserInputError(f"{where}: criteria: the total weight must be a positive finite number, got {total}")
+
+    version = hashlib.sha256(raw).hexdigest()[:12]
+    return Rubric(name=name.strip(), criteria=criteria, path=where, version=version, teacher=teacher)
+
+
+def check_params(check: str) -> dict:
+    """The params a check accepts, with their defaults (its keyword arguments after the first two)."""
+    signature = inspect.signature(CHECKS[check])
+    return {p.name: p.default for p in list(signature.parameters.values())[2:]}
+
+
+def _read(path: Path, where: str) -> bytes:
+    if not path.exists():
+        raise UserInputError(f"{where}: rubric file not found")
+    if not path.is_file():
+        raise UserInputError(f"{where}: not a file")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise UserInputError(f"{where}: cannot read rubric: {err.strerror or err}") from None
+
+
+def _parse(raw: bytes, where: str) -> dict:
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{where}: not valid UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserInputError(f"{where}: invalid YAML{line}: {problem}") from None
+    if data is None:
+        raise UserInputError(f"{where}: the file is empty; a rubric needs name and criteria")
+    if not isinstance(data, dict):
+        raise UserInputError(f"{where}: the top level must be a mapping with name and criteria, got {_kind(data)}")
+    return data
+
+
+def _criteria(data: dict, where: str) -> list[Criterion]:
+    if "criteria" not in data:
+        raise UserInputError(f"{where}: criteria is missing; a rubric needs at least one criterion")
+    items = data["criteria"]
+    if not isinstance(items, list):
+        raise UserInputError(f"{where}: criteria must be a list of criteria, got {_kind(items)}")
+    if not items:
+        raise UserInputError(f"{where}: criteria is empty; a rubric needs at least one criterion")
+    criteria: list[Criterion] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        criterion = _criterion(item, f"{where}: criteria[{i}]")
+        if criterion.name in seen:
+            raise UserInputError(f"{where}: criteria[{i}] ({criterion.name}): name is already used by "
+                                 f"criteria[{seen[criterion.name]}]; names must be unique")
+        seen[criterion.name] = i
+        criteria.append(criterion)
+    return criteria
+
+
+def _criterion(item, at: str) -> Criterion:
+    if not isinstance(item, dict):
+        raise UserInputError(f"{at}: must be a mapping with name, weight and check or judge, got {_kind(item)}")
+    name = _expand(item.get("name"), at, "name")
+    if name is None:
+        raise UserInputError(f"{at}: name is missing")
+    if not isinstance(name, str) or not name.strip():
+        raise UserInputError(f"{at}: name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    at = f"{at} ({name})"
+    unknown = [k for k in item if k not in CRITERION_KEYS]
+    if unknown:
+        raise UserInputError(f"{at}: unknown key {_names(unknown)}{_hint(unknown[0], CRITERION_KEYS)} "
+                             f"(valid keys: {', '.join(CRITERION_KEYS)})")
+    item = {key: _expand(value, at, key) for key, value in item.items()}
+
+    weight = _weight(item.get("weight"), at)
+    check, judge = item.get("check"), item.get("judge")
+    if check is None and judge is None:
+        raise UserInputError(f"{at}: check/judge: needs either check (a programmatic check) or judge "
+                             "(instructions for the teacher)")
+    if check is not None and judge is not None:
+        raise UserInputError(f"{at}: check/judge: has both check and judge; a criterion is one or the other")
+    if judge is not None:
+        if "params" in item:
+            raise UserInputError(f"{at}: params: only check criteria take params")
+        if not isinstance(judge, str) or not judge.strip():
+            raise UserInputError(f"{at}: judge must be non-empty text for the teacher, got {judge!r}")
+        return Criterion(name=name, weight=weight, judge=judge.strip(), scale=_scale(item.get("scale"), at))
+    if "scale" in item:
+        raise UserInputError(f"{at}: scale: only judge criteria have a scale")
+    if not isinstance(check, str) or check not in CHECKS:
+        raise UserInputError(f"{at}: check: unknown check {check!r}{_hint(str(check), CHECKS)} "
+                             f"(valid: {', '.join(sorted(CHECKS))})")
+    return Criterion(name=name, weight=weight, check=check, params=_params(item.get("params"), check, at))
+
+
+def _weight(weight, at: str) -> float:
+    if weight is None:
+        raise UserInputError(f"{at}: weight is missing; give a positive number")
+    number = _number(weight)
+    if number is None or not number > 0:
+        raise UserInputError(f"{at}: weight must be a positive number, got {weight!r}")
+    return float(number)
+
+
+def _params(params, check: str, at: str) -> dict:
+    if params is None:  # `params:` with nothing after it
+        return {}
+    if not isinstance(params, dict):
+        raise UserInputError(f"{at}: params must be a mapping (key: value), got {_kind(params)}")
+    accepted = check_params(check)
+    checked = {}
+    for key, value in params.items():
+        if key not in accepted:
+            valid = ", ".join(accepted) or "none"
+            raise UserInputError(f"{at}: params.{key}: {check} does not accept {key!r}"
+                                 f"{_hint(str(key), accepted)} (accepted: {valid})")
+        default = accepted[key]
+        # The default's type is the param's type; numeric params are non-negative amounts.
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserInputError(f"{at}: params.{key}: must be true or false, got {value!r}")
+        if _is_number(default):
+            number = _number(value)
+            if number is None or number < 0:
+                raise UserInputError(f"{at}: params.{key}: must be a non-negative number, got {value!r}")
+            value = number
+        checked[key] = value
+    return checked
+
+
+def _scale(scale, at: str) -> tuple[float, float]:
+    if scale is None:
+        return (0.0, 10.0)
+    bounds = [_number(v) for v in scale] if isinstance(scale, list) and len(scale) == 2 else [None, None]
+    if None in bounds or not bounds[0] < bounds[1]:
+        raise UserInputError(f"{at}: scale must be [low, high] with low < high, got {scale!r}")
+    return (float(bounds[0]), float(bounds[1]))
+
+
+def _expand(value, at: str, key: str):
+    try:
+        return interpolate(value)
+    except ValueError as err:
+        raise UserInputError(f"{at}: {key}: {err}") from None
+
+
+def _number(value) -> int | float | None:
+    """A finite number, or None. Numeric text counts: PyYAML reads `1e-3` (no exponent sign) as
+    text, and `${VAR}` interpolation always yields text."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not _is_number(value) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    names = {dict: "a mapping", list: "a list", str: "text", type(None): "nothing"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _names(keys: list) -> str:
+    return ", ".join(repr(k) for k in keys)
+
+
+def _hint(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
