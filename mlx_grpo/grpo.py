@@ -1,0 +1,281 @@
+"""Pure GRPO math: advantages, completion log-probs, the clipped surrogate loss, KL and clip statistics.
+
+Everything here takes mlx arrays and returns mlx arrays. No model state is kept and nothing is
+logged; the trainer decides what to do with the numbers.
+
+Conventions
+- A batch of N = B * G completions is laid out group-contiguously: rows g*G .. g*G+G-1 are the G
+  completions of prompt g.
+- Per-token arrays are (N, C): C completion positions, padded on the right, with a float/bool mask
+  (1 = a real completion token, EOS included; 0 = padding or a masked-out truncated completion).
+- Standard deviations are *population* std (ddof=0). TRL uses the unbiased std (ddof=1); the two
+  differ by sqrt(G / (G - 1)). ddof=0 is defined for any group size and for groups where only one
+  row is valid (the advantage is then exactly 0 rather than 0/0).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def masked_mean(x: mx.array, mask: mx.array, axis=None) -> mx.array:
+    """Mean of x over mask == 1 (0 where the mask is empty rather than NaN)."""
+    mask = mask.astype(x.dtype)
+    total = (x * mask).sum(axis=axis)
+    count = mask.sum(axis=axis)
+    return total / mx.maximum(count, 1)
+
+
+def k3_kl(logprobs: mx.array, ref_logprobs: mx.array) -> mx.array:
+    """Per-token k3 estimator of KL(pi || pi_ref): e^d - d - 1 with d = ref - logp.
+
+    Unbiased and always >= 0 (Schulman's "k3"), which is what GRPO's KL penalty uses.
+    """
+    d = ref_logprobs - logprobs
+    return mx.exp(d) - d - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+
+
+def _grouped(x: mx.array, group_size: int) -> mx.array:
+    if x.ndim != 1:
+        raise ValueError(f"expected a 1-D array of rewards, got shape {x.shape}")
+    if group_size < 1 or x.shape[0] % group_size != 0:
+        raise ValueError(f"{x.shape[0]} rewards do not split into groups of {group_size}")
+    return x.reshape(-1, group_size)
+
+
+def group_advantages(
+    rewards: mx.array,
+    group_size: int,
+    scale: str = "group",
+    eps: float = 1e-4,
+    valid: mx.array | None = None,
+) -> mx.array:
+    """Group-relative advantages A = (r - mean_group) / (std + eps), shape (N,), float32.
+
+    scale: "group" divides by the group's std, "batch" by the std of all valid rewards in the
+    batch (around the batch mean), "none" does not divide (Dr. GRPO). Stds are population stds.
+    valid: optional bool (N,). Invalid rows (e.g. a failed teacher call) are left out of the means
+    and stds and get advantage 0, so a failure is never scored as a bad answer.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; expected one of {ADVANTAGE_SCALES}")
+    r = _grouped(rewards.astype(mx.float32), group_size)
+    v = mx.ones_like(r) if valid is None else _grouped(valid, group_size).astype(mx.float32)
+    r = mx.where(v > 0, r, 0.0)  # invalid rewards may be NaN or garbage: keep them out of every sum
+
+    n = mx.maximum(v.sum(axis=1, keepdims=True), 1)
+    mean = r.sum(axis=1, keepdims=True) / n
+    dev = (r - mean) * v
+    if scale == "group":
+        std = mx.sqrt((dev * dev).sum(axis=1, keepdims=True) / n)
+        adv = dev / (std + eps)
+    elif scale == "batch":
+        n_all = mx.maximum(v.sum(), 1)
+        batch_dev = (r - r.sum() / n_all) * v
+        std = mx.sqrt((batch_dev * batch_dev).sum() / n_all)
+        adv = dev / (std + eps)
+    else:
+        adv = dev
+    return adv.reshape(-1)
+
+
+def zero_std_groups(rewards: mx.array, group_size: int, valid: mx.array | None = None) -> mx.array:
+    """bool (B,): True for groups whose (valid) rewards are all equal, i.e. all advantages are 0.
+
+    Exact equality, not std < tol: such groups carry no learning signal (DAPO dynamic sampling
+    drops them). A group with at most one valid row also counts as zero-std.
+    """
+    r = _grouped(rewards.astype(mx.float32), group_size)
+    v = mx.ones(r.shape, dtype=mx.bool_) if valid is None else _grouped(valid, group_size)
+    v = v.astype(mx.bool_)
+    hi = mx.where(v, r, -mx.inf).max(axis=1)
+    lo = mx.where(v, r, mx.inf).min(axis=1)
+    return (hi <= lo) | (v.sum(axis=1) <= 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of the sampled completion tokens
+
+
+def _output_head(model: nn.Module) -> tuple[nn.Module, callable]:
+    """(module owning the head weights, function hidden -> logits) for mlx-lm llama/qwen2-style models."""
+    args = getattr(model, "args", None)
+    tied = getattr(args, "tie_word_embeddings", None)
+    if hasattr(model, "lm_head") and not tied:
+        return model.lm_head, model.lm_head
+    embed = model.model.embed_tokens
+    return embed, embed.as_linear
+
+
+def completion_logprobs(
+    model: nn.Module,
+    tokens: mx.array,
+    prompt_lengths: mx.array,
+    completion_length: int,
+    chunk_size: int = 32,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """float32 (N, C) log p(tokens[i, p_i + j] | tokens[i, :p_i + j]) for j in [0, C).
+
+    tokens: int32 (N, T), each row = prompt, completion, right padding (the model has no attention
+    mask, so right padding cannot affect earlier positions). prompt_lengths: int (N,), each >= 1.
+    Positions past T are clamped to T - 1; the caller masks them.
+
+    Memory: only the (N, T, hidden) body output is kept; the head runs on chunk_size completion
+    positions at a time, so at most N * chunk_size * vocab logits exist at once. Each chunk is
+    wrapped in a checkpoint, so under a gradient transform the backward pass recomputes a
+    chunk's logits instead of keeping every chunk's logits alive.
+    temperature: divide logits by it (to match a sampler that used temperature != 1).
+    return_entropy: also return the per-token entropy (N, C) of the (tempered) distribution.
+    """
+    n, t = tokens.shape
+    c = int(completion_length)
+    p = prompt_lengths.astype(mx.int32).reshape(n, 1)
+    j = mx.arange(c, dtype=mx.int32).reshape(1, c)
+    # The hidden state at position k predicts token k + 1.
+    src = mx.clip(p - 1 + j, 0, t - 1)
+    tgt_pos = mx.clip(p + j, 0, t - 1)
+    targets = mx.take_along_axis(tokens, tgt_pos, axis=1)
+
+    hidden = model.model(tokens)  # (N, T, H), final-normed
+    hidden = mx.take_along_axis(hidden, src[..., None], axis=1)  # (N, C, H)
+
+    head_module, head = _output_head(model)
+    inv_t = 1.0 / float(temperature)
+
+    def chunk_fn(h, ids):
+        logits = head(h).astype(mx.float32)
+        if inv_t != 1.0:
+            logits = logits * inv_t
+        lse = mx.logsumexp(logits, axis=-1)
+        # ids are integer inputs of the checkpoint: stop_gradient so its VJP skips them.
+        ids = mx.stop_gradient(ids)
+        lp = mx.take_along_axis(logits, ids[..., None], axis=-1).squeeze(-1) - lse
+        if not return_entropy:
+            return lp
+        # H = lse - sum p * logit; cheap because the chunk's logits already exist.
+        ent = lse - (mx.softmax(logits, axis=-1) * logits).sum(axis=-1)
+        return lp, ent
+
+    # Checkpoint w.r.t. the head's (trainable) parameters as well as the chunk inputs.
+    chunk_fn = nn.utils.checkpoint(head_module, chunk_fn)
+
+    step = max(1, int(chunk_size))
+    lps, ents = [], []
+    for s in range(0, c, step):
+        h = hidden[:, s : s + step]
+        if lps:
+            # Order the chunks, so the lazy graph frees one chunk's logits before the next.
+            h = mx.depends(h, lps[-1])
+        out = chunk_fn(h, targets[:, s : s + step])
+        if return_entropy:
+            lps.append(out[0])
+            ents.append(out[1])
+        else:
+            lps.append(out)
+    logprobs = mx.concatenate(lps, axis=1) if lps else mx.zeros((n, 0), dtype=mx.float32)
+    if not return_entropy:
+        return logprobs
+    entropy = mx.concatenate(ents, axis=1) if ents else mx.zeros((n, 0), dtype=mx.float32)
+    return logprobs, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def _aggregate(per_token: mx.array, mask: mx.array, loss_type: str, max_len: int) -> mx.array:
+    if loss_type == "grpo":
+        # Mean per sequence, then over the sequences that have at least one token.
+        counts = mask.sum(axis=1)
+        seq = (per_token * mask).sum(axis=1) / mx.maximum(counts, 1)
+        has = (counts > 0).astype(per_token.dtype)
+        return (seq * has).sum() / mx.maximum(has.sum(), 1)
+    if loss_type in ("bnpo", "dapo"):
+        return (per_token * mask).sum() / mx.maximum(mask.sum(), 1)
+    if loss_type == "dr_grpo":
+        # Constant denominator: no length bias (Dr. GRPO).
+        return (per_token * mask).sum() / (per_token.shape[0] * max_len)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def grpo_loss(
+    logprobs: mx.array,
+    old_logprobs: mx.array,
+    advantages: mx.array,
+    mask: mx.array,
+    *,
+    ref_logprobs: mx.array | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """Clipped-surrogate GRPO loss (a scalar to minimise) and a dict of scalar statistics.
+
+    ratio = exp(logp - old_logp) is taken against the policy that *generated* the samples; the
+    reference only enters through the k3 KL penalty (when beta > 0 and ref_logprobs is given).
+    Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3.
+    Aggregation (loss_type): "grpo" mean per sequence then over non-empty sequences; "bnpo" /
+    "dapo" sum / number of tokens; "dr_grpo" sum / (N * max_completion_length), which defaults to C.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    eps_low = float(epsilon)
+    eps_high = eps_low if epsilon_high is None else float(epsilon_high)
+    max_len = logprobs.shape[1] if max_completion_length is None else int(max_completion_length)
+
+    mask = mask.astype(mx.float32)
+    on = mask > 0
+    # Padding may hold garbage (e.g. -inf old log-probs): replace it by 0 up front so no inf/NaN
+    # reaches the sums or the backward pass.
+    logprobs = mx.where(on, logprobs.astype(mx.float32), 0.0)
+    old = mx.where(on, mx.stop_gradient(old_logprobs.astype(mx.float32)), 0.0)
+    ref = None
+    if ref_logprobs is not None:
+        ref = mx.where(on, mx.stop_gradient(ref_logprobs.astype(mx.float32)), 0.0)
+    adv = mx.stop_gradient(advantages.astype(mx.float32)).reshape(-1, 1)
+
+    ratio = mx.exp(logprobs - old)
+    clipped = mx.clip(ratio, 1 - eps_low, 1 + eps_high)
+    objective = mx.minimum(ratio * adv, clipped * adv)
+    per_token = -objective
+
+    if beta > 0 and ref is not None:
+        per_token = per_token + beta * k3_kl(logprobs, ref)
+
+    loss = _aggregate(per_token, mask, loss_type, max_len)
+
+    # Statistics: no gradient flows through them.
+    sg = mx.stop_gradient
+    r = sg(ratio)
+    # The clipped branch is active only where clipping lowers the objective: ratio below 1 - eps
+    # with A < 0, or above 1 + eps_high with A > 0 (same as TRL).
+    low = ((r < 1 - eps_low) & (adv < 0)).astype(mx.float32)
+    high = ((r > 1 + eps_high) & (adv > 0)).astype(mx.float32)
+    kl_stat = mx.array(0.0) if ref is None else masked_mean(sg(k3_kl(logprobs, ref)), mask)
+    stats = {
+        "policy_loss": _aggregate(sg(-objective), mask, loss_type, max_len),
+        "kl": kl_stat,
+        "clip_frac_low": masked_mean(low, mask),
+        "clip_frac_high": masked_mean(high, mask),
+        "clip_frac": masked_mean(mx.maximum(low, high), mask),
+        "ratio_mean": masked_mean(r, mask),
+        # ratio > 0, so 0 marks an empty mask.
+        "ratio_max": mx.where(on, r, 0.0).max(),
+    }
+    return loss, stats
