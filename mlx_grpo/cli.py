@@ -1,0 +1,174 @@
+"""Command-line entry points. `uv run train --help` lists every option."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+import mlx_grpo  # noqa: F401  (loads the optimised BLAS before mlx.core)
+from mlx_grpo.config import Config, iter_fields, load_config, parse_cli_value, to_dict
+from mlx_grpo.errors import UserInputError
+
+DEFAULT_CONFIG = "configs/default.yaml"
+SHORTHANDS = {
+    "model": ("model.path", "Model: built-in alias, HF id, mlx-lm directory or .gguf file."),
+    "rubric": ("rubric", "Rubric YAML."),
+    "data": ("data.dataset", "A JSONL path or a built-in task name (arithmetic)."),
+    "run_name": ("train.run_name", "Name of the run directory under logs/runs/."),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserInputError(f"command line: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="train",
+        description="GRPO fine-tuning on MLX. Options come from --config, then the flags below "
+                    "(any config field can be set as --section.key VALUE).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="Training config YAML.")
+    parser.add_argument("--resume", metavar="RUN_DIR|latest", help="Continue a previous run.")
+    parser.add_argument("--no-wandb", action="store_true", help="Disable the W&B mirror.")
+    parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    for flag, (_, text) in SHORTHANDS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", help=text)
+    defaults = Config()
+    group = parser.add_argument_group("config fields")
+    for name, f, _ in iter_fields():
+        if name in SHORTHANDS:
+            continue  # top-level field that already has a shorthand flag of the same name
+        value = defaults
+        for part in name.split("."):
+            value = getattr(value, part)
+        choices = f.metadata.get("choices")
+        text = f.metadata.get("help", "") + (f" One of: {', '.join(choices)}." if choices else "")
+        group.add_argument(f"--{name}", dest=f"field:{name}", metavar="VALUE", default=argparse.SUPPRESS,
+                           help=f"{text} (default: {value!r})".replace("%", "%%"))
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    args = build_parser().parse_args(argv)
+    overrides = {}
+    for key, value in vars(args).items():
+        if key.startswith("field:"):
+            overrides[key[len("field:"):]] = parse_cli_value(value)
+    for flag, (dotted, _) in SHORTHANDS.items():
+        value = getattr(args, f"short_{flag}")
+        if value is not None:
+            overrides[dotted] = value if dotted != "data.dataset" else str(value)
+    if args.no_wandb:
+        overrides["logging.wandb"] = False
+    return args, overrides
+
+
+def make_run_dirs(cfg: Config) -> tuple[Path, Path]:
+    name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.train.output_dir) / "runs" / name
+    if run_dir.exists():
+        raise UserInputError(f"{run_dir}: run directory already exists; choose another --run-name")
+    return run_dir, Path(cfg.train.output_dir) / "tensorboard" / name
+
+
+def validate_inputs(cfg: Config):
+    """Check everything the user supplied before the (slow) model load."""
+    from mlx_grpo.data import load_dataset
+    from mlx_grpo.models import validate_model_path
+    from mlx_grpo.rewards import load_rubric
+
+    rubric = load_rubric(cfg.rubric)
+    items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
+                         on_bad_line=cfg.data.on_bad_line)
+    validate_model_path(cfg.model.path)
+    return rubric, items
+
+
+def run_training(cfg: Config, console) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from mlx_grpo.metrics import MetricsHub
+    from mlx_grpo.metrics.files import JsonlSink, LearningLogSink
+    from mlx_grpo.metrics.tensorboard import TensorBoardSink
+    from mlx_grpo.models import load_model
+    from mlx_grpo.trainer import train
+
+    rubric, items = validate_inputs(cfg)
+    run_dir, tb_dir = make_run_dirs(cfg)
+    console.print("[bold]Resolved config[/bold]")
+    console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+
+    with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
+        model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
+    console.print(f"Model: {model_dir}")
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
+                                                        sort_keys=False))
+    sinks = [TensorBoardSink(tb_dir), JsonlSink(run_dir / "metrics.jsonl"),
+             LearningLogSink(run_dir / "learning.log", [c.name for c in rubric.criteria])]
+    if cfg.logging.wandb:
+        from mlx_grpo.metrics.wandb_sink import WandbSink
+        sinks.append(WandbSink(cfg, run_dir))
+    hub = MetricsHub(sinks)
+    console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}")
+
+    columns = [TextColumn("step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
+               TextColumn("reward {task.fields[reward]}"), TextColumn("gen {task.fields[gen]} tok/s"),
+               TextColumn("train {task.fields[train]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("train", total=cfg.train.steps, reward="-", gen="-", train="-")
+
+            def on_step(step, record):
+                bar.update(task, completed=step, reward=f"{record['Train/AvgReward']:.3f}",
+                           gen=f"{record['Performance/Generation_TokensPerSec']:.0f}",
+                           train=f"{record['Performance/Backprop_TokensPerSec']:.0f}")
+                if not console.is_terminal:
+                    console.print(f"step {step}/{cfg.train.steps} reward {record['Train/AvgReward']:.3f} "
+                                  f"loss {record['Train/Loss']:+.4f} {record['timing_s/step']:.1f}s")
+
+            state = train(cfg, run_dir, items, rubric, model, tokenizer, hub, progress=on_step)
+    finally:
+        hub.close()
+    rewards = state.rewards
+    k = min(5, len(rewards))
+    console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
+                  f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}")
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    argv = sys.argv[1:] if argv is None else argv
+    console = Console(stderr=False)
+    debug = "--debug" in argv
+    try:
+        args, overrides = parse_args(argv)
+        if args.resume:
+            raise UserInputError("--resume: resuming runs is not available in this version yet")
+        config_path = args.config
+        if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
+            config_path = None  # run from outside the repo: built-in defaults are the demo
+        cfg = load_config(config_path, overrides)
+        return run_training(cfg, console)
+    except UserInputError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

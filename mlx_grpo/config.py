@@ -1,0 +1,257 @@
+"""Training configuration: a tree of dataclasses, loaded from YAML, overridden by dotted CLI flags.
+
+Every field carries its help text in `metadata["help"]`; `--help` is generated from it, so the
+dataclasses below are the single reference for what can be configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_grpo.errors import UserInputError
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A dataclass field with help text (and optionally the allowed values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("smollm2-135m-instruct", "Model: built-in alias, Hugging Face id, local mlx-lm directory, or .gguf file.")
+    dtype: str = opt("float32", "Weight dtype. 'native' keeps the checkpoint's dtype (4-bit GGUF stays quantised: QLoRA).",
+                     ("float32", "float16", "bfloat16", "native"))
+
+
+@dataclass
+class LoraConfig:
+    fine_tune_type: str = opt("lora", "'lora' trains low-rank adapters; 'full' trains every weight.", ("lora", "full"))
+    rank: int = opt(8, "LoRA rank.")
+    alpha: float = opt(16.0, "LoRA alpha; the adapter output is scaled by alpha / rank.")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    num_layers: int = opt(-1, "Adapt the last N transformer blocks (-1 = all).")
+    target_modules: list = opt([], "Linear layers to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; empty = mlx-lm's default set.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("arithmetic", "A built-in task name ('arithmetic') or a path to a JSONL file with a 'prompt' field.")
+    train_size: int = opt(2000, "Number of training prompts generated for built-in tasks (one epoch).")
+    test_size: int = opt(200, "Number of held-out prompts generated for built-in tasks.")
+    system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
+    on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = opt(2, "Prompts per step (B).")
+    group_size: int = opt(4, "Completions per prompt (G); advantages are relative within a group.")
+    max_new_tokens: int = opt(96, "Maximum completion length in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = opt(0.0, "Weight of the k3 KL penalty to the reference (base) model; 0 skips the reference pass.")
+    epsilon: float = opt(0.2, "Lower clip range of the importance ratio: 1 - epsilon.")
+    epsilon_high: float = opt(0.28, "Upper clip range: 1 + epsilon_high (DAPO's clip-higher).")
+    loss_type: str = opt("grpo", "Loss aggregation: grpo (per-sequence mean), bnpo/dapo (token mean), dr_grpo (sum / (N * max_len)).",
+                         ("grpo", "bnpo", "dapo", "dr_grpo"))
+    scale_rewards: str = opt("group", "Divide advantages by the group std, the batch std, or not at all (Dr. GRPO).",
+                             ("group", "batch", "none"))
+    num_iterations: int = opt(1, "Optimisation passes (mu) over each generated batch.")
+    mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
+    logprob_chunk_size: int = opt(64, "Completion positions per chunk when computing log-probs (bounds the logits memory).")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_steps: int = opt(2, "Linear warmup steps.")
+    min_lr_ratio: float = opt(0.1, "Cosine decay floor, as a fraction of the peak learning rate.")
+    max_grad_norm: float = opt(1.0, "Global gradient-norm clip (0 = off).")
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step; the B*G completions are split evenly among them.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(30, "Optimizer steps to run.")
+    seed: int = opt(0, "Seed for data order, sampling and initialisation.")
+    save_every: int = opt(10, "Save adapters every N steps (0 = only at the end).")
+    run_name: str = opt("", "Run name; empty = a timestamp.")
+    output_dir: str = opt("logs", "Root of logs/runs/<run> and logs/tensorboard/<run>.")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = opt(False, "Mirror metrics to Weights & Biases.")
+    wandb_project: str = opt("mlx-grpo", "W&B project name.")
+    sample_every: int = opt(5, "Write sample completions to completions.jsonl every N steps (0 = never).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rubric: str = opt("rubrics/math.yaml", "Path to the rubric YAML that scores completions.")
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def iter_fields(cls=Config, prefix: str = ""):
+    """Yield (dotted_name, dataclass_field) for every leaf option."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], name + ".")
+        else:
+            yield name, f, hints[f.name]
+
+
+def _coerce(value: Any, kind, where: str) -> Any:
+    """Check a YAML/CLI value against the field's type; ints are accepted for floats."""
+    if isinstance(kind, types.GenericAlias) or kind is list:
+        if not isinstance(value, list):
+            raise UserInputError(f"{where}: expected a list, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserInputError(f"{where}: expected true or false, got {value!r}")
+    if kind in (int, float) and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot, no sign after e) as a string
+            value = float(value) if kind is float else int(value)
+        except ValueError:
+            raise UserInputError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise UserInputError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    leaves = {name: (f, kind) for name, f, kind in iter_fields()}
+    if dotted not in leaves:
+        section = dotted.split(".")[0] + "."
+        siblings = [n for n in leaves if n.startswith(section)]
+        hint = f" (valid: {', '.join(siblings)})" if siblings else ""
+        raise UserInputError(f"{source}: unknown key '{dotted}'{hint}")
+    f, kind = leaves[dotted]
+    value = _coerce(value, kind, f"{source}: {dotted}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserInputError(f"{source}: {dotted} must be one of {', '.join(choices)}, got {value!r}")
+    *parents, leaf = dotted.split(".")
+    target = cfg
+    for p in parents:
+        target = getattr(target, p)
+    setattr(target, leaf, value)
+
+
+def _flatten(tree: dict) -> dict[str, Any]:
+    """{'grpo': {'beta': 0.1}} -> {'grpo.beta': 0.1}; sections are one level deep."""
+    sections = {name.split(".")[0] for name, _, _ in iter_fields() if "." in name}
+    flat = {}
+    for key, value in tree.items():
+        if key in sections and isinstance(value, dict):
+            flat.update({f"{key}.{child}": v for child, v in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then dotted overrides; then validation."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserInputError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        if not isinstance(tree, dict):
+            raise UserInputError(f"{path}: the top level must be a mapping of sections")
+        for dotted, value in _flatten(tree).items():
+            _apply(cfg, dotted, value, str(path))
+    for dotted, value in (overrides or {}).items():
+        _apply(cfg, dotted, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    def require(ok: bool, key: str, what: str):
+        if not ok:
+            value = cfg
+            for p in key.split("."):
+                value = getattr(value, p)
+            raise UserInputError(f"config: {key} {what}, got {value!r}")
+
+    require(cfg.rollout.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare completions within a group)")
+    require(cfg.rollout.batch_size >= 1, "rollout.batch_size", "must be at least 1")
+    require(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
+    require(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
+    require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    require(cfg.lora.rank >= 1, "lora.rank", "must be at least 1")
+    require(cfg.lora.alpha > 0, "lora.alpha", "must be positive")
+    require(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    require(cfg.lora.num_layers == -1 or cfg.lora.num_layers >= 1, "lora.num_layers", "must be -1 (all) or at least 1")
+    require(cfg.grpo.beta >= 0, "grpo.beta", "must be >= 0")
+    require(cfg.grpo.epsilon > 0, "grpo.epsilon", "must be positive")
+    require(cfg.grpo.epsilon_high > 0, "grpo.epsilon_high", "must be positive")
+    require(cfg.grpo.num_iterations >= 1, "grpo.num_iterations", "must be at least 1")
+    require(cfg.grpo.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be at least 1")
+    require(cfg.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+    require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    require(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+    require(cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be at least 1")
+    n = cfg.rollout.batch_size * cfg.rollout.group_size
+    require(n % cfg.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
+            f"must divide the batch_size * group_size = {n} completions")
+    require(cfg.train.steps >= 1, "train.steps", "must be at least 1")
+    require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
+    require(cfg.data.train_size >= 1, "data.train_size", "must be at least 1")
+    require(cfg.data.test_size >= 0, "data.test_size", "must be >= 0")
+    require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
+    require(bool(cfg.rubric), "rubric", "must name a rubric YAML file")
+    require(not cfg.train.run_name or "/" not in cfg.train.run_name and cfg.train.run_name not in (".", ".."),
+            "train.run_name", "must be a plain directory name")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_cli_value(text: str) -> Any:
+    """Parse an override value the way YAML would ('50' -> 50, 'true' -> True, '[a, b]' -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -1,0 +1,55 @@
+"""Pure functions that turn one step's raw results into the flat metric record the sinks share.
+
+Names follow the seed references: Train/*, Performance/*, Scoring/* (TensorBoard), actor/*,
+response_length/*, completion/*, timing_s/* (the TinyZero-style groups).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def reward_metrics(rewards: np.ndarray, valid: np.ndarray, group_size: int) -> dict[str, float]:
+    """Batch reward statistics over the validly scored completions."""
+    scored = rewards[valid]
+    if scored.size == 0:
+        scored = np.zeros(1, dtype=np.float32)
+    groups = rewards.reshape(-1, group_size)
+    zero_std = float(np.mean(groups.std(axis=1) < 1e-6))
+    return {
+        "Train/AvgReward": float(scored.mean()),
+        "Train/RewardStd": float(scored.std()),
+        "Train/RewardMin": float(scored.min()),
+        "Train/RewardMax": float(scored.max()),
+        "Train/RewardVariance": float(scored.var()),
+        "frac_reward_zero_std": zero_std,
+    }
+
+
+def criterion_metrics(criteria: list, scores: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, float]:
+    """Each criterion's weight (as the seed logs it) and its actual mean score in [0, 1]."""
+    total_weight = sum(c.weight for c in criteria)
+    record = {}
+    for criterion in criteria:
+        record[f"Scoring/{criterion.name}"] = criterion.weight / total_weight
+        values = scores[criterion.name][valid]
+        record[f"Scoring/{criterion.name}_score"] = float(values.mean()) if values.size else 0.0
+    return record
+
+
+def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], finish_reasons: list[str],
+                   max_new_tokens: int) -> dict[str, float]:
+    lengths = np.asarray(completion_lengths, dtype=np.float64)
+    prompts = np.asarray(prompt_lengths, dtype=np.float64)
+    truncated = np.asarray([r == "length" for r in finish_reasons], dtype=np.float64)
+    return {
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/min": float(lengths.min()),
+        "response_length/clip_ratio": float(np.mean(lengths >= max_new_tokens)),
+        "prompt_length/mean": float(prompts.mean()),
+        "prompt_length/max": float(prompts.max()),
+        "prompt_length/min": float(prompts.min()),
+        "completion/truncated_frac": float(truncated.mean()),
+        "completion/finished_frac": float(1.0 - truncated.mean()),
+    }

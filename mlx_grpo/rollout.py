@@ -1,0 +1,122 @@
+"""Batched generation of G completions per prompt, returning token ids rather than text.
+
+We drive mlx-lm's `BatchGenerator` directly instead of `batch_generate`, because the latter drops
+the EOS token from rows that stopped; GRPO must train on that token (it is how the model learns
+to stop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+
+@dataclass
+class Rollout:
+    """B*G completions, group-contiguous: rows g*G .. g*G+G-1 answer prompt g."""
+
+    prompt_tokens: list[list[int]]       # one entry per completion (repeated within a group)
+    completion_tokens: list[list[int]]   # sampled ids, including the EOS token when the row stopped
+    finish_reasons: list[str]            # "stop" (EOS) or "length" (hit max_new_tokens)
+    prefill_time_s: float
+    generation_time_s: float
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_tokens)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.num_generated_tokens / max(self.generation_time_s, 1e-9)
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [reason == "length" for reason in self.finish_reasons]
+
+
+def generate_rollout(
+    model,
+    prompts: list[list[int]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | list[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Rollout:
+    """Sample `group_size` completions for each prompt, all rows decoded in one batch."""
+    rows = [list(p) for p in prompts for _ in range(group_size)]
+    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
+    generator = BatchGenerator(
+        model,
+        max_tokens=max_new_tokens,
+        stop_tokens=[[t] for t in eos_token_ids],
+        sampler=sampler,
+        # One decode batch for every row, so nothing queues behind the default limit of 32.
+        completion_batch_size=len(rows),
+        prefill_batch_size=len(rows),
+    )
+    was_training = model.training
+    model.eval()  # no LoRA dropout while sampling
+    try:
+        uids = generator.insert(rows, [max_new_tokens] * len(rows))
+        completions = {uid: [] for uid in uids}
+        reasons: dict[int, str] = {}
+        start = time.perf_counter()
+        first_token_at = None
+        while responses := generator.next_generated():
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            for r in responses:
+                completions[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    reasons[r.uid] = "stop" if r.finish_reason == "stop" else "length"
+        end = time.perf_counter()
+    finally:
+        generator.close()
+        model.train(was_training)
+    mx.clear_cache()
+    first_token_at = first_token_at or end
+    return Rollout(
+        prompt_tokens=rows,
+        completion_tokens=[completions[u] for u in uids],
+        finish_reasons=[reasons.get(u, "length") for u in uids],
+        prefill_time_s=first_token_at - start,
+        generation_time_s=end - start,
+    )
+
+
+@dataclass
+class TrainBatch:
+    tokens: mx.array          # (N, T) prompt + completion, right-padded with 0
+    prompt_lengths: mx.array  # (N,)
+    mask: mx.array            # (N, C) 1.0 on completion tokens (EOS included), 0.0 on padding
+    num_tokens: int           # real (unpadded) prompt + completion tokens, for throughput
+
+    def rows(self, start: int, stop: int) -> "TrainBatch":
+        """A micro-batch of rows [start, stop), for gradient accumulation."""
+        tokens = self.tokens[start:stop]
+        lengths = self.prompt_lengths[start:stop]
+        mask = self.mask[start:stop]
+        real = int((lengths.sum() + mask.sum()).item())
+        return TrainBatch(tokens, lengths, mask, real)
+
+
+def to_train_batch(rollout: Rollout, mask_truncated: bool = False) -> TrainBatch:
+    """Concatenate each prompt with its sampled ids (never re-tokenised text) into one array."""
+    completion_len = max(1, max(len(c) for c in rollout.completion_tokens))
+    total_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens))
+    tokens, mask = [], []
+    for prompt, completion, truncated in zip(rollout.prompt_tokens, rollout.completion_tokens, rollout.truncated):
+        row = prompt + completion
+        tokens.append(row + [0] * (total_len - len(row)))
+        keep = 0.0 if (mask_truncated and truncated) else 1.0
+        mask.append([keep] * len(completion) + [0.0] * (completion_len - len(completion)))
+    lengths = [len(p) for p in rollout.prompt_tokens]
+    num_tokens = sum(lengths) + rollout.num_generated_tokens
+    return TrainBatch(mx.array(tokens, dtype=mx.int32), mx.array(lengths, dtype=mx.int32),
+                      mx.array(mask, dtype=mx.float32), num_tokens)

@@ -1,0 +1,214 @@
+"""The GRPO training loop: rollout -> score -> advantages -> clipped-surrogate update -> log.
+
+Read `train` top to bottom; every other function here is a small piece it calls.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from mlx_grpo import grpo
+from mlx_grpo.config import Config
+from mlx_grpo.data import PromptSampler, build_prompt_tokens
+from mlx_grpo.metrics import MetricsHub
+from mlx_grpo.metrics.record import criterion_metrics, length_metrics, reward_metrics
+from mlx_grpo.models import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
+from mlx_grpo.rewards import score_completions
+from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    rewards: list[float] = field(default_factory=list)  # mean reward per step, for the summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+
+def build_optimizer(cfg: Config) -> optim.Optimizer:
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr over the run."""
+    o = cfg.optim
+    decay_steps = max(1, cfg.train.steps - o.warmup_steps)
+    schedule = optim.cosine_decay(o.learning_rate, decay_steps, o.learning_rate * o.min_lr_ratio)
+    if o.warmup_steps > 0:
+        warmup = optim.linear_schedule(o.learning_rate / (o.warmup_steps + 1), o.learning_rate, o.warmup_steps)
+        schedule = optim.join_schedules([warmup, schedule], [o.warmup_steps])
+    return optim.AdamW(learning_rate=schedule, weight_decay=o.weight_decay)
+
+
+def prepare_trainable(model, cfg: Config) -> dict:
+    """Attach LoRA adapters (or unfreeze everything) and return the adapter_config to save."""
+    if cfg.lora.fine_tune_type == "full":
+        return prepare_full_finetune(model)
+    return apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                      num_layers=cfg.lora.num_layers, target_modules=cfg.lora.target_modules or None)
+
+
+def batch_logprobs(model, batch: TrainBatch, chunk_size: int) -> mx.array:
+    return grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
+                                    chunk_size=chunk_size)
+
+
+def reference_logprobs(model, batch: TrainBatch, chunk_size: int, base_params) -> mx.array:
+    """Log-probs under the reference policy: the base model, without a second copy for LoRA."""
+    if has_lora(model):
+        with adapters_disabled(model):
+            return mx.stop_gradient(batch_logprobs(model, batch, chunk_size))
+    current = model.trainable_parameters()
+    model.update(base_params)  # full fine-tune: swap the frozen initial weights in and back
+    try:
+        return mx.stop_gradient(batch_logprobs(model, batch, chunk_size))
+    finally:
+        model.update(current)
+
+
+def make_loss_fn(cfg: Config):
+    g = cfg.grpo
+
+    def loss_fn(model, batch: TrainBatch, advantages, old_logprobs, ref_logprobs):
+        logprobs = batch_logprobs(model, batch, g.logprob_chunk_size)
+        # With one pass (mu = 1) the sampling policy is the current one: ratio == 1, but its
+        # gradient is the policy gradient, so the old log-probs are the detached current ones.
+        old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
+        return grpo.grpo_loss(logprobs, old, advantages, batch.mask, ref_logprobs=ref_logprobs,
+                              beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+                              loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens)
+
+    return loss_fn
+
+
+def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, base_params):
+    """mu passes over the batch, each an optimizer step over grad_accum micro-batches."""
+    g, chunk = cfg.grpo, cfg.grpo.logprob_chunk_size
+    n, accum = batch.tokens.shape[0], cfg.optim.grad_accum_steps
+    micro = [batch.rows(i, i + n // accum) for i in range(0, n, n // accum)]
+    micro_adv = [advantages[i:i + n // accum] for i in range(0, n, n // accum)]
+    # Old-policy log-probs are only needed when the weights move between passes.
+    old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in micro] if g.num_iterations > 1 else [None] * accum
+    ref = [reference_logprobs(model, m, chunk, base_params) for m in micro] if g.beta > 0 else [None] * accum
+    mx.eval(old, ref)
+    model.train()
+    totals: dict[str, float] = {}
+    grad_norm = mx.array(0.0)
+    for _ in range(g.num_iterations):
+        grads = None
+        for m, adv, old_lp, ref_lp in zip(micro, micro_adv, old, ref):
+            (loss, stats), step_grads = loss_and_grad(model, m, adv, old_lp, ref_lp)
+            grads = step_grads if grads is None else tree_map(mx.add, grads, step_grads)
+            stats = {"loss": loss, **stats}
+            mx.eval(grads, stats)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value.item() / (accum * g.num_iterations)
+        grads = tree_map(lambda x: x / accum, grads)
+        if cfg.optim.max_grad_norm > 0:
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
+        else:
+            grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    model.eval()
+    totals["grad_norm"] = grad_norm.item()
+    return totals
+
+
+def train(cfg: Config, run_dir: Path, items: list[dict], rubric, model, tokenizer,
+          hub: MetricsHub, progress=None) -> TrainState:
+    """Run cfg.train.steps GRPO steps; adapters are saved into run_dir."""
+    seed_everything(cfg.train.seed)
+    adapter_config = prepare_trainable(model, cfg)
+    base_params = None
+    if cfg.grpo.beta > 0 and not has_lora(model):
+        base_params = tree_map(lambda p: mx.array(p), model.trainable_parameters())
+    optimizer = build_optimizer(cfg)
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(cfg))
+    sampler = PromptSampler(items, seed=cfg.train.seed)
+    eos_ids = set(tokenizer.eos_token_ids)
+    B, G = cfg.rollout.batch_size, cfg.rollout.group_size
+    system = cfg.data.system_prompt or None
+    state = TrainState()
+    completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
+    start_time = time.perf_counter()
+
+    for step in range(1, cfg.train.steps + 1):
+        step_start = time.perf_counter()
+
+        # 1. Rollout: B prompts x G samples, all decoded together.
+        samples = sampler.next_batch(B)
+        prompts = [build_prompt_tokens(tokenizer, s, system) for s in samples]
+        rollout = generate_rollout(model, prompts, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
+                                   eos_token_ids=eos_ids, temperature=cfg.rollout.temperature,
+                                   top_p=cfg.rollout.top_p)
+
+        # 2. Score: text is decoded for the rubric only; training uses the sampled ids.
+        score_start = time.perf_counter()
+        texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
+        group_samples = [s for s in samples for _ in range(G)]
+        scored = score_completions(rubric, group_samples, texts)
+        reward_time = time.perf_counter() - score_start
+
+        # 3. Advantages, relative within each prompt's group.
+        advantages = grpo.group_advantages(mx.array(scored.rewards), G, scale=cfg.grpo.scale_rewards,
+                                           valid=mx.array(scored.valid))
+
+        # 4. Update: clipped surrogate against the sampling policy, optional KL to the base model.
+        update_start = time.perf_counter()
+        batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated)
+        stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, base_params)
+        update_time = time.perf_counter() - update_start
+
+        # 5. Log one record and save adapters.
+        state.step = step
+        lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
+        step_time = time.perf_counter() - step_start
+        record = {
+            "Train/Loss": stats["loss"],
+            "Train/PolicyLoss": stats["policy_loss"],
+            "Train/KLPenalty": stats["kl"],
+            **reward_metrics(scored.rewards, scored.valid, G),
+            **criterion_metrics(rubric.criteria, scored.criterion_scores, scored.valid),
+            **length_metrics([len(c) for c in rollout.completion_tokens], [len(p) for p in prompts],
+                             rollout.finish_reasons, cfg.rollout.max_new_tokens),
+            "Performance/Generation_TokensPerSec": rollout.tokens_per_sec,
+            "Performance/Generation_Time": rollout.generation_time_s,
+            "Performance/Backprop_TokensPerSec": batch.num_tokens * cfg.grpo.num_iterations / update_time,
+            "actor/grad_norm": stats["grad_norm"],
+            "actor/lr": float(lr),
+            "actor/pg_clipfrac": stats["clip_frac"],
+            "actor/ppo_kl": stats["kl"],
+            "timing_s/gen": rollout.generation_time_s,
+            "timing_s/reward": reward_time,
+            "timing_s/update_actor": update_time,
+            "timing_s/step": step_time,
+            "time/elapsed_s": time.perf_counter() - start_time,
+            "epoch": step * B / len(items),
+        }
+        hub.log(step, record)
+        state.rewards.append(record["Train/AvgReward"])
+        if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
+            for sample, text, reward in zip(group_samples, texts, scored.rewards.tolist()):
+                completions_log.write(json.dumps({"step": step, "prompt": sample["prompt"],
+                                                  "answer": sample.get("answer"), "completion": text,
+                                                  "reward": reward}) + "\n")
+            completions_log.flush()
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            save_adapters(model, run_dir, adapter_config)
+        if progress is not None:
+            progress(step, record)
+
+    save_adapters(model, run_dir, adapter_config)
+    completions_log.close()
+    return state
