@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-wandb", action="store_true", help="Disable the W&B mirror.")
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     for flag, (_, text) in SHORTHANDS.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", help=text)
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", metavar=flag.upper(), help=text)
     defaults = Config()
     group = parser.add_argument_group("config fields")
     for name, f, _ in iter_fields():
@@ -86,7 +86,8 @@ def validate_inputs(cfg: Config):
 
     rubric = load_rubric(cfg.rubric)
     items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
-                         on_bad_line=cfg.data.on_bad_line)
+                         on_bad_line=cfg.data.on_bad_line, max_ops=cfg.data.max_ops,
+                         max_operand=cfg.data.max_operand)
     validate_model_path(cfg.model.path)
     return rubric, items
 
@@ -107,7 +108,7 @@ def run_training(cfg: Config, console) -> int:
 
     with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
         model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
-    console.print(f"Model: {model_dir}")
+    console.print(f"Model: {model_dir}", soft_wrap=True)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
                                                         sort_keys=False))
@@ -117,7 +118,7 @@ def run_training(cfg: Config, console) -> int:
         from mlx_grpo.metrics.wandb_sink import WandbSink
         sinks.append(WandbSink(cfg, run_dir))
     hub = MetricsHub(sinks)
-    console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}")
+    console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
 
     columns = [TextColumn("step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
                TextColumn("reward {task.fields[reward]}"), TextColumn("gen {task.fields[gen]} tok/s"),
@@ -130,7 +131,7 @@ def run_training(cfg: Config, console) -> int:
             def on_step(step, record):
                 bar.update(task, completed=step, reward=f"{record['Train/AvgReward']:.3f}",
                            gen=f"{record['Performance/Generation_TokensPerSec']:.0f}",
-                           train=f"{record['Performance/Backprop_TokensPerSec']:.0f}")
+                           train=f"{record.get('Performance/Backprop_TokensPerSec', 0):.0f}")
                 if not console.is_terminal:
                     console.print(f"step {step}/{cfg.train.steps} reward {record['Train/AvgReward']:.3f} "
                                   f"loss {record['Train/Loss']:+.4f} {record['timing_s/step']:.1f}s")
@@ -141,7 +142,8 @@ def run_training(cfg: Config, console) -> int:
     rewards = state.rewards
     k = min(5, len(rewards))
     console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
-                  f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}")
+                  f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}",
+                  soft_wrap=True)
     return 0
 
 

@@ -48,16 +48,18 @@ class DataConfig:
     dataset: str = opt("arithmetic", "A built-in task name ('arithmetic') or a path to a JSONL file with a 'prompt' field.")
     train_size: int = opt(2000, "Number of training prompts generated for built-in tasks (one epoch).")
     test_size: int = opt(200, "Number of held-out prompts generated for built-in tasks.")
+    max_ops: int = opt(3, "Arithmetic task difficulty: at most this many operations per problem (1-3 is the usual range).")
+    max_operand: int = opt(20, "Arithmetic task difficulty: largest number in a problem.")
     system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
     on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
 
 
 @dataclass
 class RolloutConfig:
-    batch_size: int = opt(2, "Prompts per step (B).")
-    group_size: int = opt(4, "Completions per prompt (G); advantages are relative within a group.")
-    max_new_tokens: int = opt(96, "Maximum completion length in tokens.")
-    temperature: float = opt(1.0, "Sampling temperature.")
+    batch_size: int = opt(1, "Prompts per step (B).")
+    group_size: int = opt(8, "Completions per prompt (G); advantages are relative within a group.")
+    max_new_tokens: int = opt(80, "Maximum completion length in tokens.")
+    temperature: float = opt(0.8, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
 
 
@@ -66,7 +68,7 @@ class GRPOConfig:
     beta: float = opt(0.0, "Weight of the k3 KL penalty to the reference (base) model; 0 skips the reference pass.")
     epsilon: float = opt(0.2, "Lower clip range of the importance ratio: 1 - epsilon.")
     epsilon_high: float = opt(0.28, "Upper clip range: 1 + epsilon_high (DAPO's clip-higher).")
-    loss_type: str = opt("grpo", "Loss aggregation: grpo (per-sequence mean), bnpo/dapo (token mean), dr_grpo (sum / (N * max_len)).",
+    loss_type: str = opt("bnpo", "Loss aggregation: grpo (per-sequence mean), bnpo/dapo (token mean), dr_grpo (sum / (N * max_len)).",
                          ("grpo", "bnpo", "dapo", "dr_grpo"))
     scale_rewards: str = opt("group", "Divide advantages by the group std, the batch std, or not at all (Dr. GRPO).",
                              ("group", "batch", "none"))
@@ -77,7 +79,7 @@ class GRPOConfig:
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    learning_rate: float = opt(3e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     warmup_steps: int = opt(2, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Cosine decay floor, as a fraction of the peak learning rate.")
@@ -239,6 +241,8 @@ def validate(cfg: Config) -> None:
     require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
     require(cfg.data.train_size >= 1, "data.train_size", "must be at least 1")
     require(cfg.data.test_size >= 0, "data.test_size", "must be >= 0")
+    require(cfg.data.max_ops >= 1, "data.max_ops", "must be at least 1")
+    require(cfg.data.max_operand >= 2, "data.max_operand", "must be at least 2")
     require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
     require(bool(cfg.rubric), "rubric", "must name a rubric YAML file")
     require(not cfg.train.run_name or "/" not in cfg.train.run_name and cfg.train.run_name not in (".", ".."),

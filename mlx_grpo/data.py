@@ -15,7 +15,9 @@ from typing import Any
 
 from mlx_grpo.errors import UserInputError
 
-SYSTEM_PROMPT = """\
+# Appended to each problem in the user turn: a 135M model follows an instruction there far more
+# often than in the system prompt (measured: about 10x more completions with the tags).
+FORMAT_INSTRUCTION = """\
 Solve the problem. First think step by step inside <reasoning> </reasoning>. \
 Then write only the final number inside <answer> </answer>.
 Example:
@@ -119,8 +121,10 @@ def _make_problem(rng: random.Random, max_ops: int, max_operand: int) -> dict:
         # Giving away more than you have is not a sensible story: reject any negative step.
         if min(values) >= 0:
             break
+    question = _render(rng, start, steps)
     return {
-        "prompt": _render(rng, start, steps),
+        "prompt": f"{question}\n\n{FORMAT_INSTRUCTION}",
+        "question": question,
         "answer": str(values[-1]),
         "task": "arithmetic",
         "num_ops": k,
@@ -154,9 +158,9 @@ def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_o
                 f"arithmetic: could not make {size} distinct {split} problems; raise max_operand or max_ops"
             )
         item = _make_problem(rng, max_ops, max_operand)
-        if item["prompt"] in seen or _split_of(item["prompt"]) != split:
+        if item["question"] in seen or _split_of(item["question"]) != split:
             continue
-        seen.add(item["prompt"])
+        seen.add(item["question"])
         items.append(item)
     return items
 
@@ -248,16 +252,19 @@ def load_dataset(
     seed: int = 0,
     size: int | None = None,
     on_bad_line: str = "error",
+    max_ops: int = 3,
+    max_operand: int = 20,
 ) -> list[dict]:
     """A built-in task by name ("arithmetic") or the rows of a .jsonl file.
 
-    Built-in tasks have "train" and "test" splits; size defaults to 2000 / 200.
+    Built-in tasks have "train" and "test" splits; size defaults to 2000 / 200; max_ops and
+    max_operand set the arithmetic task's difficulty.
     A JSONL file is a single split: `split` is ignored and every row is returned (the first
     `size` rows when size is given); name a second file for held-out evaluation.
     """
     if spec in BUILTIN_TASKS:
         n = _DEFAULT_SIZES.get(split, 0) if size is None else size
-        return arithmetic_dataset(split, n, seed)
+        return arithmetic_dataset(split, n, seed, max_ops=max_ops, max_operand=max_operand)
     path = Path(spec).expanduser()
     if path.is_file():
         rows, _ = load_jsonl(path, on_bad_line=on_bad_line)

@@ -27,6 +27,9 @@ from mlx_grpo.rewards import score_completions
 from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
 
 
+NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -165,9 +168,13 @@ def train(cfg: Config, run_dir: Path, items: list[dict], rubric, model, tokenize
                                            valid=mx.array(scored.valid))
 
         # 4. Update: clipped surrogate against the sampling policy, optional KL to the base model.
+        # A batch where every group scored alike carries no signal; stepping AdamW on its zero
+        # gradient would still move the weights along stale momentum, so skip it.
         update_start = time.perf_counter()
         batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated)
-        stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, base_params)
+        has_signal = cfg.grpo.beta > 0 or mx.any(advantages != 0).item()
+        stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, base_params) \
+            if has_signal else dict(NO_UPDATE_STATS)
         update_time = time.perf_counter() - update_start
 
         # 5. Log one record and save adapters.
@@ -184,7 +191,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], rubric, model, tokenize
                              rollout.finish_reasons, cfg.rollout.max_new_tokens),
             "Performance/Generation_TokensPerSec": rollout.tokens_per_sec,
             "Performance/Generation_Time": rollout.generation_time_s,
-            "Performance/Backprop_TokensPerSec": batch.num_tokens * cfg.grpo.num_iterations / update_time,
+            "actor/update_skipped": float(not has_signal),
             "actor/grad_norm": stats["grad_norm"],
             "actor/lr": float(lr),
             "actor/pg_clipfrac": stats["clip_frac"],
@@ -196,6 +203,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], rubric, model, tokenize
             "time/elapsed_s": time.perf_counter() - start_time,
             "epoch": step * B / len(items),
         }
+        if has_signal:  # a skipped update measured no backprop speed
+            record["Performance/Backprop_TokensPerSec"] = batch.num_tokens * cfg.grpo.num_iterations / update_time
         hub.log(step, record)
         state.rewards.append(record["Train/AvgReward"])
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mlx_grpo.data import (
-    SYSTEM_PROMPT,
+    FORMAT_INSTRUCTION,
     PromptSampler,
     arithmetic_dataset,
     build_prompt_tokens,
@@ -40,7 +40,7 @@ def test_arithmetic_items_are_distinct_and_well_formed():
     assert {x["num_ops"] for x in items} == {1, 2, 3}
     for x in items:
         assert x["task"] == "arithmetic"
-        assert x["prompt"].endswith("?")
+        assert x["question"].endswith("?")
         assert re.fullmatch(r"\d+", x["answer"])  # a non-negative integer
     assert {x["num_ops"] for x in arithmetic_dataset("train", 50, seed=0, max_ops=1)} == {1}
 
@@ -57,7 +57,7 @@ def test_arithmetic_answers_match_expression_and_text():
         ops = re.findall(r"[+\-*]", expr)
         assert len(ops) == x["num_ops"]
         # The prompt states exactly the expression's numbers, in order ("doubles" = 2, "triples" = 3).
-        words = re.findall(r"\d+|doubles|triples", x["prompt"])
+        words = re.findall(r"\d+|doubles|triples", x["question"])
         assert [_WORDS.get(w, w) for w in words] == re.findall(r"\d+", expr)
 
 
@@ -79,11 +79,16 @@ def test_arithmetic_bad_split():
         arithmetic_dataset("validation", 10, seed=0)
 
 
+def test_arithmetic_prompt_ends_with_the_format_instruction():
+    item = arithmetic_dataset("train", 1, seed=0)[0]
+    assert item["prompt"] == f"{item['question']}\n\n{FORMAT_INSTRUCTION}"
+
+
 def test_system_prompt_names_the_format():
     for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>"):
-        assert tag in SYSTEM_PROMPT
+        assert tag in FORMAT_INSTRUCTION
     # Its example answer holds only a number.
-    assert re.search(r"<answer>\s*\d+\s*</answer>", SYSTEM_PROMPT)
+    assert re.search(r"<answer>\s*\d+\s*</answer>", FORMAT_INSTRUCTION)
 
 
 # ---------------------------------------------------------------------------------------------
