@@ -97,9 +97,10 @@ def make_loss_fn(cfg: Config):
 def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, base_params):
     """mu passes over the batch, each an optimizer step over grad_accum micro-batches."""
     g, chunk = cfg.grpo, cfg.grpo.logprob_chunk_size
-    n, accum = batch.tokens.shape[0], cfg.optim.grad_accum_steps
-    micro = [batch.rows(i, i + n // accum) for i in range(0, n, n // accum)]
-    micro_adv = [advantages[i:i + n // accum] for i in range(0, n, n // accum)]
+    accum = cfg.optim.grad_accum_steps
+    size = batch.tokens.shape[0] // accum
+    starts = range(0, batch.tokens.shape[0], size)
+    micro, micro_adv = [batch.rows(i, i + size) for i in starts], [advantages[i:i + size] for i in starts]
     # Old-policy log-probs are only needed when the weights move between passes.
     old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in micro] if g.num_iterations > 1 else [None] * accum
     ref = [reference_logprobs(model, m, chunk, base_params) for m in micro] if g.beta > 0 else [None] * accum

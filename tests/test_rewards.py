@@ -69,6 +69,10 @@ def test_format_exact(completion, expected):
     ("<reasoning>r</reasoning><answer>a</answer>" + "x" * 100, 0.9),  # 1 - 0.001 * 100
     ("<reasoning>r</reasoning><answer>a</answer>  \n  ", 1.0),  # trailing whitespace is free
     ("<answer>a</answer>" + "y" * 10_000, 0.0),  # 0.5 - 10.0, clamped
+    # Echoing the instruction's prose earns nothing: opening tags must open a block.
+    ("To solve this, think inside <reasoning>. Then write the number inside <answer>.", 0.0),
+    ("Sure.\n  <reasoning>r</reasoning>\n<answer>a</answer>", 1.0),  # tag after a line break: fine
+    ("See <reasoning>r</reasoning>\n<answer>a</answer>", 0.75),  # mid-line opening tag: no credit
 ])
 def test_format_approx(completion, expected):
     assert format_approx(completion, S12) == pytest.approx(expected)

@@ -58,6 +58,18 @@ def test_two_steps_train_and_log(tmp_path: Path):
     lora_b = [v for k, v in adapters.items() if k.endswith("lora_b")]
     assert lora_b and any(mx.abs(v).max().item() > 0 for v in lora_b)
 
+    # mlx-lm itself loads the run directory as adapters onto the saved model directory.
+    import mlx_lm
+    import yaml
+
+    model_dir = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved_model"]
+    model, tokenizer = mlx_lm.load(model_dir, adapter_path=str(run_dir))
+    steps = list(mlx_lm.stream_generate(model, tokenizer, "What is 2+3?", max_tokens=5))
+    assert steps and steps[-1].generation_tokens >= 1
+    base, _ = mlx_lm.load(model_dir)
+    prompt = mx.array([tokenizer.encode("What is 2+3?")])
+    assert not mx.allclose(model(prompt), base(prompt), atol=1e-4)  # the trained adapters are applied
+
     # One metrics line per step with finite losses.
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]

@@ -65,6 +65,14 @@ def format_exact(completion: str, sample: dict) -> float:
     return 1.0 if not between.strip() else 0.0
 
 
+def _in_block_position(text: str, tag: str) -> bool:
+    """Closing tags always; an opening tag only at a line start or right after a closing tag."""
+    if tag.startswith("</"):
+        return True
+    before = text[: text.find(tag)].rstrip(" \t")
+    return before == "" or before.endswith(("\n", "</reasoning>", "</answer>"))
+
+
 def format_approx(completion: str, sample: dict, *, trailing_penalty: float = 0.001) -> float:
     """Partial format credit, so a small model is rewarded for each step towards the format.
 
@@ -72,8 +80,11 @@ def format_approx(completion: str, sample: dict, *, trailing_penalty: float = 0.
             − trailing_penalty × len(text after the last </answer>, stripped)
     clamped to [0, 1]. With the default 0.001, 250 characters of rambling after the answer cost
     as much as one missing tag. Tag order is not checked here (format_exact does that).
+    An opening tag counts only where it opens a block: at the start of a line or right after a
+    closing tag. Otherwise a model earns the credit by echoing the instruction's prose
+    ("think inside <reasoning>. Then ... inside <answer>."), which it learns within 20 steps.
     """
-    score = 0.25 * sum(completion.count(tag) == 1 for tag in _TAGS)
+    score = 0.25 * sum(completion.count(tag) == 1 and _in_block_position(completion, tag) for tag in _TAGS)
     end = completion.rfind(_CLOSE)
     if end >= 0:
         trailing = completion[end + len(_CLOSE) :].strip()
