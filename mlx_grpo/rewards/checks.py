@@ -19,6 +19,7 @@ import math
 import re
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.rewards.code_checks import python_tests
 
 _TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 _OPEN, _CLOSE = "<answer>", "</answer>"
@@ -203,4 +204,5 @@ CHECKS = {
     "format_approx": format_approx,
     "answer_check": answer_check,
     "number_check": number_check,
+    "python_tests": python_tests,
 }
