@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import random
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ Tom has 3 apples and buys 4 more: 3 + 4 = 7.
 <answer>
 7
 </answer>"""
+
+# Appended to each coding task in the user turn, like FORMAT_INSTRUCTION for arithmetic.
+CODE_INSTRUCTION = """\
+Write the complete Python function in a single ```python fenced code block. \
+Give the function a docstring and use only the Python standard library. \
+Do not include example usage, print statements or tests."""
 
 # ---------------------------------------------------------------------------------------------
 # Built-in task: arithmetic word problems
@@ -72,7 +79,6 @@ _QUESTION = [
     "How many {obj} does {Name} have at the end?",
 ]
 
-BUILTIN_TASKS = ("arithmetic",)
 _MAX_MULT = 5
 
 
@@ -132,9 +138,12 @@ def _make_problem(rng: random.Random, max_ops: int, max_operand: int) -> dict:
     }
 
 
-def _split_of(text: str) -> str:
-    """Stable split from the prompt text itself: the same text always lands in the same split."""
-    return "test" if int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % 10 == 0 else "train"
+def _split_of(text: str, test_every: int = 10) -> str:
+    """Stable split from the text itself: the same text always lands in the same split.
+
+    About one text in `test_every` is "test".
+    """
+    return "test" if int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % test_every == 0 else "train"
 
 
 def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_operand: int = 20) -> list[dict]:
@@ -163,6 +172,49 @@ def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_o
         seen.add(item["question"])
         items.append(item)
     return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in task: Python functions with unit tests
+#
+# Hand-written tasks packaged in mlx_grpo/tasks/python_functions.jsonl: each row has "id",
+# "entry_point", "task", "tests" (assert lines) and a reference "solution".
+
+_CODING_FILE = "python_functions.jsonl"
+
+
+def coding_dataset(split: str, size: int | None, seed: int) -> list[dict]:
+    """The packaged Python-function tasks of the given split ("train" or "test"), shuffled by seed.
+
+    The split is a hash of the task id (about 20% test), so train and test never share a task.
+    The first `size` tasks of the shuffled split are returned; a size of None, or one larger than
+    the split, returns the whole split (tasks are never repeated). Deterministic in (split, seed),
+    and a longer dataset with the same seed starts with the same tasks.
+    Items carry "prompt" (task + CODE_INSTRUCTION), "tests", "entry_point", "id", "task" and
+    "solution" (the reference, for evaluation and debugging only; rewards do not need it).
+    """
+    if split not in ("train", "test"):
+        raise UserInputError(f"coding: unknown split {split!r}; expected 'train' or 'test'")
+    if size is not None and size < 0:
+        raise UserInputError("coding: size must be >= 0")
+    text = resources.files("mlx_grpo.tasks").joinpath(_CODING_FILE).read_text(encoding="utf-8")
+    items = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if _split_of(f"coding:{row['id']}", test_every=5) != split:
+            continue
+        items.append({
+            "prompt": f"{row['task']}\n\n{CODE_INSTRUCTION}",
+            "tests": list(row["tests"]),
+            "entry_point": row["entry_point"],
+            "id": row["id"],
+            "task": row["task"],
+            "solution": row["solution"],
+        })
+    random.Random(f"coding:{seed}").shuffle(items)
+    return items if size is None else items[:size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +295,12 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
 # ---------------------------------------------------------------------------------------------
 # Dataset entry point
 
+# Built-in task name -> builder(split, size, seed, max_ops=..., max_operand=...); only arithmetic
+# uses the difficulty options.
+BUILTIN_TASKS = {
+    "arithmetic": arithmetic_dataset,
+    "coding": lambda split, size, seed, **_: coding_dataset(split, size, seed),
+}
 _DEFAULT_SIZES = {"train": 2000, "test": 200}
 
 
@@ -255,16 +313,17 @@ def load_dataset(
     max_ops: int = 3,
     max_operand: int = 20,
 ) -> list[dict]:
-    """A built-in task by name ("arithmetic") or the rows of a .jsonl file.
+    """A built-in task by name ("arithmetic", "coding") or the rows of a .jsonl file.
 
-    Built-in tasks have "train" and "test" splits; size defaults to 2000 / 200; max_ops and
-    max_operand set the arithmetic task's difficulty.
+    Built-in tasks have "train" and "test" splits; size defaults to 2000 / 200 (coding has 40
+    tasks in all and returns its whole split when size exceeds it); max_ops and max_operand set
+    the arithmetic task's difficulty.
     A JSONL file is a single split: `split` is ignored and every row is returned (the first
     `size` rows when size is given); name a second file for held-out evaluation.
     """
     if spec in BUILTIN_TASKS:
         n = _DEFAULT_SIZES.get(split, 0) if size is None else size
-        return arithmetic_dataset(split, n, seed, max_ops=max_ops, max_operand=max_operand)
+        return BUILTIN_TASKS[spec](split, n, seed, max_ops=max_ops, max_operand=max_operand)
     path = Path(spec).expanduser()
     if path.is_file():
         rows, _ = load_jsonl(path, on_bad_line=on_bad_line)

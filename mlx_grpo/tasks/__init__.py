@@ -1,0 +1,1 @@
+"""Packaged data files for the built-in tasks (e.g. python_functions.jsonl for "coding")."""
