@@ -191,7 +191,8 @@ def test_number_check_rejects_non_numeric_expected(answer):
 @pytest.mark.parametrize("name", sorted(CHECKS))
 @pytest.mark.parametrize("completion", WEIRD)
 def test_checks_never_raise_on_weird_text(name, completion):
-    score = CHECKS[name](completion, S12)
+    sample = {**S12, "tests": ["assert True"]} if name == "python_tests" else S12
+    score = CHECKS[name](completion, sample)
     assert 0.0 <= score <= 1.0
 
 
@@ -259,7 +260,7 @@ def test_shipped_math_rubric():
     assert rubric.name == "math"
     assert [c.name for c in rubric.criteria] == ["Format", "StrictFormat", "Answer"]
     assert all(c.check in CHECKS for c in rubric.criteria)
-    assert rubric.teacher is None and len(rubric.version) == 12
+    assert rubric.teacher_config is None and len(rubric.version) == 12
     batch = score_completions(rubric, [S12] * 4, [GOOD, "<reasoning>r</reasoning><answer>13</answer>", "12", "hi"])
     # Correct and well-formed earns 1; the correct answer outweighs perfect format with a wrong one.
     np.testing.assert_allclose(batch.rewards, [1.0, 0.3, 0.35, 0.0], atol=1e-6)
@@ -273,6 +274,8 @@ def test_interpolate_values():
     assert interpolate("${B:-dflt}", env) == "dflt"
     assert interpolate("${EMPTY:-dflt}", env) == "dflt"  # empty counts as unset, as in the shell
     assert interpolate("${EMPTY}", env) == ""
+    assert interpolate("${EMPTY-dflt}", env) == ""  # without the colon, only unset takes the default
+    assert interpolate("${B-dflt}/${A-dflt}", env) == "dflt/x"
     assert interpolate({"k": ["${A}", 3, None]}, env) == {"k": ["x", 3, None]}
     assert interpolate("$A and {A}", env) == "$A and {A}"  # only ${...} is special
     with pytest.raises(ValueError, match="B is not set"):
@@ -287,11 +290,11 @@ def test_rubric_env_interpolation(tmp_path, monkeypatch):
     monkeypatch.delenv("TEACHER_URL", raising=False)
     path = tmp_path / "env.yaml"
     path.write_text("name: ${RUBRIC_NAME}\n"
-                    "teacher: {base_url: '${TEACHER_URL:-http://localhost:8080/v1}'}\n"
+                    "teacher: {model: m, base_url: '${TEACHER_URL:-http://localhost:8080/v1}'}\n"
                     "criteria:\n  - {name: '${LABEL:-Answer}', weight: 1, check: '${CHECK_NAME}'}\n")
     rubric = load_rubric(path)
     assert rubric.name == "from-env"
-    assert rubric.teacher == {"base_url": "http://localhost:8080/v1"}
+    assert rubric.teacher_config.base_url == "http://localhost:8080/v1"
     assert rubric.criteria[0].name == "Answer" and rubric.criteria[0].check == "number_check"
 
 
@@ -307,6 +310,8 @@ def test_rubric_version_tracks_content(tmp_path):
 # --- malformed rubrics ----------------------------------------------------------------------------
 
 OK = "  - {name: Answer, weight: 1, check: number_check}\n"
+JUDGED = "teacher: {model: m%s}\ncriteria:\n  - {name: Style, weight: 1, judge: Clear prose.}\n"
+
 MALFORMED = [
     # (id, file text, substrings the one-line message must contain)
     ("bad_yaml", "name: x\ncriteria:\n  - name: A\n   weight: 1\n", ["invalid YAML at line 4"]),
@@ -349,8 +354,22 @@ MALFORMED = [
      ["(A): params.fallback_last_number", "true or false"]),
     ("judge_without_teacher", "criteria:\n" + OK + "  - {name: Style, weight: 1, judge: Clear prose.}\n",
      ["criteria[1] (Style)", "judge", "teacher"]),
-    ("judge_not_yet", "teacher: {model: m}\ncriteria:\n  - {name: Style, weight: 1, judge: Clear prose.}\n",
-     ["criteria[0] (Style)", "not supported in this version yet"]),
+    ("teacher_no_model", "teacher: {base_url: 'http://x/v1'}\ncriteria:\n" + OK, ["teacher.model", "name the teacher"]),
+    ("teacher_unknown_key", JUDGED % ", temprature: 0", ["teacher: unknown key 'temprature'", "did you mean 'temperature'"]),
+    ("teacher_api_key", JUDGED % ", api_key: sk-secret-123", ["teacher.api_key", "api_key_env"]),
+    ("teacher_mode", JUDGED % ", mode: pairs", ["teacher.mode", "group, single"]),
+    ("teacher_url", JUDGED % ", base_url: localhost:1234", ["teacher.base_url", "http://"]),
+    ("teacher_concurrency", JUDGED % ", max_concurrency: 0", ["teacher.max_concurrency", ">= 1"]),
+    ("teacher_timeout", JUDGED % ", timeout_s: 0", ["teacher.timeout_s", "greater than 0"]),
+    ("teacher_rpm", JUDGED % ", requests_per_minute: fast", ["teacher.requests_per_minute", "'fast'"]),
+    ("teacher_failure_rate", JUDGED % ", max_failure_rate: 2", ["teacher.max_failure_rate", "between 0 and 1"]),
+    ("teacher_format", JUDGED % ", response_format: xml", ["teacher.response_format", "json_schema"]),
+    ("budget_empty", JUDGED % ", budget: {}", ["teacher.budget", "tokens"]),
+    ("budget_key", JUDGED % ", budget: {dollars: 1}", ["teacher.budget: unknown key 'dollars'"]),
+    ("budget_tokens", JUDGED % ", budget: {tokens: 1.5}", ["teacher.budget.tokens", "whole number"]),
+    ("budget_no_price", JUDGED % ", budget: {usd: 1}", ["teacher.budget.prices", "'m'"]),
+    ("budget_bad_price", JUDGED % ", budget: {usd: 1, prices: {m: {input: 1}}}",
+     ["teacher.budget.prices.m", "input", "output"]),
     ("judge_scale", "teacher: {model: m}\ncriteria:\n  - {name: S, weight: 1, judge: x, scale: [10, 0]}\n",
      ["(S): scale"]),
     ("scale_on_check", "criteria:\n  - {name: A, weight: 1, check: format_exact, scale: [0, 1]}\n", ["(A): scale"]),
@@ -394,7 +413,25 @@ def test_numbers_written_as_text(tmp_path, monkeypatch):
     assert rubric.criteria[1].params == {"abs_tol": 0.5}
 
 
-def test_teacher_without_judges_is_kept_raw(tmp_path):
+def test_teacher_block_defaults_and_values(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("teacher: {model: m, api_key_env: KEY}\ncriteria:\n" + OK)
-    assert load_rubric(path).teacher == {"model": "m", "api_key_env": "KEY"}
+    teacher = load_rubric(path).teacher_config
+    assert (teacher.model, teacher.api_key_env, teacher.mode, teacher.base_url) == \
+        ("m", "KEY", "group", "https://api.openai.com/v1")
+    path.write_text("teacher: {model: m, mode: single, max_concurrency: '8', requests_per_minute: 30,\n"
+                    "  budget: {usd: 0.5, prices: {m: {input: 0.15, output: 0.6}}}}\n"
+                    "criteria:\n  - {name: S, weight: 1, judge: Clear., scale: [1, 5]}\n")
+    rubric = load_rubric(path)
+    teacher = rubric.teacher_config
+    assert (teacher.mode, teacher.max_concurrency, teacher.requests_per_minute) == ("single", 8, 30.0)
+    assert teacher.budget.usd == 0.5 and teacher.budget.cost("m", 1_000_000, 1_000_000) == pytest.approx(0.75)
+    assert rubric.criteria[0].scale == (1.0, 5.0)
+
+
+def test_api_key_in_rubric_is_not_echoed(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("teacher: {model: m, api_key: sk-very-secret}\ncriteria:\n" + OK)
+    with pytest.raises(UserInputError) as info:
+        load_rubric(path)
+    assert "sk-very-secret" not in str(info.value)

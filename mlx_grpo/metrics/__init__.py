@@ -8,10 +8,18 @@ class MetricsHub:
 
     def __init__(self, sinks: list):
         self.sinks = sinks
+        self.last_step = 0  # notices raised between steps are filed under the last logged step
 
     def log(self, step: int, record: dict[str, float]) -> None:
+        self.last_step = step
         for sink in self.sinks:
             sink.log(step, record)
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """A text event (e.g. a rubric change); sinks without text support skip it."""
+        for sink in self.sinks:
+            if hasattr(sink, "log_text"):
+                sink.log_text(step, tag, text)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -14,8 +14,9 @@ def reward_metrics(rewards: np.ndarray, valid: np.ndarray, group_size: int) -> d
     scored = rewards[valid]
     if scored.size == 0:
         scored = np.zeros(1, dtype=np.float32)
-    groups = rewards.reshape(-1, group_size)
-    zero_std = float(np.mean(groups.std(axis=1) < 1e-6))
+    # A group whose valid rewards are all equal (or that has at most one) gives every row advantage 0.
+    groups = [rewards[i:i + group_size][valid[i:i + group_size]] for i in range(0, len(rewards), group_size)]
+    zero_std = float(np.mean([g.size < 2 or np.ptp(g) < 1e-6 for g in groups])) if groups else 0.0
     return {
         "Train/AvgReward": float(scored.mean()),
         "Train/RewardStd": float(scored.std()),
@@ -23,6 +24,7 @@ def reward_metrics(rewards: np.ndarray, valid: np.ndarray, group_size: int) -> d
         "Train/RewardMax": float(scored.max()),
         "Train/RewardVariance": float(scored.var()),
         "frac_reward_zero_std": zero_std,
+        "Train/MaskedFrac": float(1.0 - valid.mean()) if valid.size else 0.0,
     }
 
 
@@ -52,4 +54,22 @@ def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], fin
         "prompt_length/min": float(prompts.min()),
         "completion/truncated_frac": float(truncated.mean()),
         "completion/finished_frac": float(1.0 - truncated.mean()),
+    }
+
+
+def teacher_metrics(step_usage, total_usage) -> dict[str, float]:
+    """Teacher traffic this step (requests, tokens, cache hits, failures) and running totals."""
+    return {
+        "Teacher/Requests": step_usage.requests,
+        "Teacher/PromptTokens": step_usage.prompt_tokens,
+        "Teacher/CompletionTokens": step_usage.completion_tokens,
+        "Teacher/APITokens": step_usage.tokens,
+        "Teacher/APITokensTotal": total_usage.tokens,
+        "Teacher/CacheHits": step_usage.cache_hits,
+        "Teacher/Retries": step_usage.retries,
+        "Teacher/InvalidReplies": step_usage.invalid_replies,
+        "Teacher/Failed": step_usage.failed,
+        "Teacher/EstimatedUsageRequests": step_usage.estimated_requests,
+        "Teacher/CostUSD": step_usage.cost_usd,
+        "Teacher/CostUSDTotal": total_usage.cost_usd,
     }

@@ -18,5 +18,12 @@ class WandbSink:
     def log(self, step: int, record: dict[str, float]) -> None:
         self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        import html
+
+        import wandb
+
+        self.run.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
     def close(self) -> None:
         self.run.finish()

@@ -1,7 +1,9 @@
-"""Rewards: rubric loading and scoring completions with programmatic checks."""
+"""Rewards: rubric loading, programmatic checks, the teacher client, and scoring."""
 
 from mlx_grpo.rewards.checks import CHECKS
-from mlx_grpo.rewards.rubric import Criterion, Rubric, load_rubric
-from mlx_grpo.rewards.scoring import RewardBatch, score_completions
+from mlx_grpo.rewards.rubric import Criterion, Rubric, RubricWatcher, describe_rubric, load_rubric
+from mlx_grpo.rewards.scoring import (RewardBatch, Scorer, TeacherUnavailable, contiguous_groups,
+                                      score_completions)
 
-__all__ = ["CHECKS", "Criterion", "RewardBatch", "Rubric", "load_rubric", "score_completions"]
+__all__ = ["CHECKS", "Criterion", "RewardBatch", "Rubric", "RubricWatcher", "Scorer", "TeacherUnavailable",
+           "contiguous_groups", "describe_rubric", "load_rubric", "score_completions"]

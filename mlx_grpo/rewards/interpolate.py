@@ -10,13 +10,14 @@ import os
 import re
 from collections.abc import Mapping
 
-_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
 
 
 def interpolate(value, env: Mapping[str, str] | None = None):
     """`value` with every `${VAR}` in its strings replaced; dicts and lists are walked.
 
-    `${VAR:-default}` uses `default` when VAR is unset or empty (as in the shell). Raises
+    `${VAR:-default}` uses `default` when VAR is unset or empty, `${VAR-default}` only when it is
+    unset, so VAR= can choose an empty value (both as in the shell). Raises
     ValueError (a one-line message for the caller to prefix with file and field) when a `${VAR}`
     without default is unset, or when a `${` does not form a valid reference.
     """
@@ -37,9 +38,9 @@ def _interpolate_str(text: str, env: Mapping[str, str]) -> str:
         raise ValueError(f"malformed ${{...}} reference in {text!r}; write ${{NAME}} or ${{NAME:-default}}")
 
     def replace(match: re.Match) -> str:
-        name, default = match.group(1), match.group(2)
+        name, dash, default = match.group(1), match.group(2), match.group(3)
         found = env.get(name)
-        if found:
+        if found or (found is not None and dash == "-"):  # ${VAR-default}: set-but-empty is kept
             return found
         if default is not None:
             return default

@@ -31,6 +31,7 @@ import yaml
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.rewards.checks import CHECKS
 from mlx_grpo.rewards.interpolate import interpolate
+from mlx_grpo.rewards.teacher_config import TeacherConfig, parse_teacher
 
 TOP_KEYS = ("name", "criteria", "teacher")
 CRITERION_KEYS = ("name", "weight", "check", "params", "judge", "scale")
@@ -52,7 +53,7 @@ class Rubric:
     criteria: list[Criterion]
     path: str
     version: str  # short sha256 of the file's bytes, so logs say exactly which rubric scored
-    teacher: dict | None = None  # the raw `teacher:` block, validated by the teacher client
+    teacher_config: TeacherConfig | None = None  # who scores the judge criteria
 
     @property
     def total_weight(self) -> float:
@@ -78,19 +79,18 @@ def load_rubric(path: str | os.PathLike) -> Rubric:
 
     criteria = _criteria(data, where)
     judged = [(i, c) for i, c in enumerate(criteria) if c.judge is not None]
-    if judged:
+    if judged and teacher is None:
         i, c = judged[0]
-        if teacher is None:
-            raise UserInputError(f"{where}: criteria[{i}] ({c.name}): judge needs a teacher: block "
-                                 "naming the LLM that scores it")
-        raise UserInputError(f"{where}: criteria[{i}] ({c.name}): judge: teacher-judged criteria are not "
-                             "supported in this version yet; use a programmatic check")
+        raise UserInputError(f"{where}: criteria[{i}] ({c.name}): judge needs a teacher: block "
+                             "naming the LLM that scores it (model, base_url, api_key_env)")
+    teacher_config = parse_teacher(teacher, f"{where}: teacher") if teacher is not None else None
     total = sum(c.weight for c in criteria)
     if not (total > 0 and math.isfinite(total)):
         raise UserInputError(f"{where}: criteria: the total weight must be a positive finite number, got {total}")
 
     version = hashlib.sha256(raw).hexdigest()[:12]
-    return Rubric(name=name.strip(), criteria=criteria, path=where, version=version, teacher=teacher)
+    return Rubric(name=name.strip(), criteria=criteria, path=where, version=version,
+                  teacher_config=teacher_config)
 
 
 def check_params(check: str) -> dict:
@@ -263,3 +263,48 @@ def _names(keys: list) -> str:
 def _hint(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe_rubric(rubric: Rubric) -> str:
+    """A short markdown summary: version, each criterion's share of the reward and how it is scored."""
+    lines = [f"rubric {rubric.name} version {rubric.version}"]
+    for c in rubric.criteria:
+        how = f"check {c.check}" if c.check else f"judge ({c.scale[0]:g}-{c.scale[1]:g}): {c.judge}"
+        lines.append(f"- {c.name}: weight {c.weight:g} ({c.weight / rubric.total_weight:.0%}), {how}")
+    if rubric.teacher_config is not None:
+        t = rubric.teacher_config
+        lines.append(f"- teacher: {t.model} at {t.base_url}, mode {t.mode}")
+    return "\n".join(lines)
+
+
+class RubricWatcher:
+    """Notices edits to the rubric file between steps (hot reload).
+
+    `poll()` returns (new rubric, None) after a valid edit, (None, warning) after an invalid one,
+    which leaves the current rubric in force, and (None, None) when nothing changed.
+    """
+
+    def __init__(self, rubric: Rubric):
+        self.rubric = rubric
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self):
+        try:
+            stat = os.stat(self.rubric.path)
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def poll(self) -> tuple[Rubric | None, str | None]:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return None, None
+        self._stamp = stamp
+        try:
+            new = load_rubric(self.rubric.path)
+        except UserInputError as err:
+            return None, f"rubric edit ignored, still using version {self.rubric.version}: {err}"
+        if new.version == self.rubric.version:
+            return None, None
+        self.rubric = new
+        return new, None

@@ -1,46 +1,230 @@
-"""Score a batch of completions with a rubric: per-criterion scores and the weighted reward."""
+"""Score completions with a rubric: per-criterion scores in [0, 1] and the weighted reward.
+
+`score_completions` is the synchronous path for rubrics of programmatic checks only. `Scorer`
+handles every rubric: it runs checks in a thread pool and teacher requests on its own event
+loop, all at once, and hands back a future so the trainer can keep working while it waits.
+
+A completion the teacher failed to score is *masked* (valid=False, reward NaN): it gets no
+advantage and is left out of every reward statistic. It is never scored 0.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.rewards.cache import ScoreCache
 from mlx_grpo.rewards.checks import CHECKS
-from mlx_grpo.rewards.rubric import Rubric
+from mlx_grpo.rewards.rubric import Criterion, Rubric
+from mlx_grpo.rewards.teacher import Teacher, TeacherUsage
 
 
 @dataclass
 class RewardBatch:
-    rewards: np.ndarray  # float32 (N,): sum(w_i * s_i) / sum(w_i), in [0, 1]
-    criterion_scores: dict[str, np.ndarray]  # criterion name -> float32 (N,) in [0, 1]
-    valid: np.ndarray  # bool (N,): False where a score could not be had (teacher failures, later)
+    rewards: np.ndarray  # float32 (N,): sum(w_i * s_i) / sum(w_i) in [0, 1]; NaN where not valid
+    criterion_scores: dict[str, np.ndarray]  # criterion name -> float32 (N,) in [0, 1]; NaN where unscored
+    valid: np.ndarray  # bool (N,): False where a teacher score could not be had
+    justifications: dict[str, list[str]] = field(default_factory=dict)  # judge criterion -> teacher's reasons
+
+
+class TeacherUnavailable(RuntimeError):
+    """Too many teacher scores failed recently; the message says what the last failure was."""
+
+
+def run_check(rubric: Rubric, criterion: Criterion, sample: dict, completion: str) -> float:
+    """One check on one completion, clipped to [0, 1] (NaN counts as 0): a score outside the range
+    is a bug in the check and must not skew the reward. A UserInputError names rubric and criterion."""
+    try:
+        value = float(CHECKS[criterion.check](completion, sample, **criterion.params))
+    except UserInputError as err:
+        raise UserInputError(f"{rubric.path}: {criterion.name}: {err}") from None
+    return 0.0 if value != value else min(1.0, max(0.0, value))
+
+
+def combine(rubric: Rubric, scores: dict[str, np.ndarray], valid: np.ndarray,
+            justifications: dict[str, list[str]] | None = None) -> RewardBatch:
+    """The weighted reward from per-criterion columns; rows that are not valid get NaN."""
+    n = len(valid)
+    weighted = np.zeros(n, dtype=np.float64)
+    for criterion in rubric.criteria:
+        weighted += criterion.weight * np.nan_to_num(scores[criterion.name].astype(np.float64), nan=0.0)
+    rewards = np.where(valid, weighted / rubric.total_weight, np.nan).astype(np.float32)
+    columns = {name: column.astype(np.float32) for name, column in scores.items()}
+    return RewardBatch(rewards=rewards, criterion_scores=columns, valid=valid.astype(bool),
+                       justifications=justifications or {})
 
 
 def score_completions(rubric: Rubric, samples: list[dict], completions: list[str]) -> RewardBatch:
-    """Run every criterion once on every (sample, completion) pair.
-
-    A check's score outside [0, 1] is a bug in the check; it is clipped (NaN counts as 0) rather
-    than allowed to skew the reward. A UserInputError from a check (e.g. a non-numeric answer)
-    is re-raised naming the rubric and criterion.
-    """
+    """Run every (programmatic) criterion once on every (sample, completion) pair."""
     if len(samples) != len(completions):
         raise ValueError(f"{len(samples)} samples but {len(completions)} completions")
-    n = len(completions)
-    weighted = np.zeros(n, dtype=np.float64)
-    scores: dict[str, np.ndarray] = {}
-    for criterion in rubric.criteria:
-        if criterion.check is None:
-            raise ValueError(f"criterion {criterion.name!r} is teacher-judged; not supported in this version")
-        check = CHECKS[criterion.check]
-        try:
-            raw = [check(c, s, **criterion.params) for s, c in zip(samples, completions)]
-        except UserInputError as err:
-            raise UserInputError(f"{rubric.path}: {criterion.name}: {err}") from None
-        column = np.nan_to_num(np.asarray(raw, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-        column = np.clip(column, 0.0, 1.0)
-        scores[criterion.name] = column.astype(np.float32)
-        weighted += criterion.weight * column
-    rewards = (weighted / rubric.total_weight).astype(np.float32)
-    return RewardBatch(rewards=rewards, criterion_scores=scores, valid=np.ones(n, dtype=bool))
+    judged = [c.name for c in rubric.criteria if c.check is None]
+    if judged:
+        raise ValueError(f"criterion {judged[0]!r} needs the teacher; score with a Scorer")
+    scores = {c.name: np.array([run_check(rubric, c, s, t) for s, t in zip(samples, completions)], dtype=np.float64)
+              for c in rubric.criteria}
+    return combine(rubric, scores, np.ones(len(completions), dtype=bool))
+
+
+def contiguous_groups(n: int, group_size: int) -> list[list[int]]:
+    """Row indices of each prompt group when the G completions of a prompt are adjacent."""
+    return [list(range(i, min(i + group_size, n))) for i in range(0, n, group_size)]
+
+
+class Scorer:
+    """Scores batches with the current rubric; the rubric (and its teacher) can be swapped between steps.
+
+    Teacher requests run on a private event loop thread; checks run in a thread pool (the
+    `python_tests` sandbox spends its time in a subprocess). Results come back as a Future.
+    """
+
+    def __init__(self, rubric: Rubric, cache_path: str | Path | None = None, warn: Callable[[str], None] = print,
+                 workers: int | None = None):
+        self.warn = warn
+        self.cache = ScoreCache(cache_path) if cache_path else None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mlx-grpo-scorer", daemon=True)
+        self._thread.start()
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1),
+                                        thread_name_prefix="mlx-grpo-check")
+        self._usage_before = TeacherUsage()  # usage of teachers replaced by a rubric reload
+        self._recent: deque[bool] = deque()  # True where a judged completion failed
+        self.teacher: Teacher | None = None
+        self.rubric = rubric
+        self.set_rubric(rubric)
+
+    # -- rubric ------------------------------------------------------------------------------
+
+    def set_rubric(self, rubric: Rubric) -> None:
+        """Use `rubric` from the next batch on (a new teacher only if its settings changed)."""
+        config = rubric.teacher_config
+        needs_teacher = config is not None and any(c.judge is not None for c in rubric.criteria)
+        old = self.teacher
+        if not needs_teacher:
+            self.teacher = None
+        elif old is None or old.cfg != config:
+            self.teacher = Teacher(config, rubric.criteria, rubric.version, self.cache, warn=self.warn)
+        else:
+            old.criteria = [c for c in rubric.criteria if c.judge is not None]
+            old.rubric_version = rubric.version
+        if old is not None and old is not self.teacher:
+            self._usage_before = self._add(self._usage_before, old.usage)
+            self._run(old.close())
+        if self.teacher is not None:
+            self._recent = deque(self._recent, maxlen=self.teacher.cfg.failure_window)
+        self.rubric = rubric
+
+    def preflight(self) -> None:
+        """Check the teacher answers at all (raises UserInputError with what to fix)."""
+        if self.teacher is not None:
+            self._run(self.teacher.preflight())
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def submit(self, samples: list[dict], completions: list[str], groups: list[list[int]]) -> Future:
+        """Start scoring; the Future's result is a RewardBatch. `groups` are the row indices of
+        each prompt's completions (one teacher request per group in group mode)."""
+        if len(samples) != len(completions):
+            raise ValueError(f"{len(samples)} samples but {len(completions)} completions")
+        return asyncio.run_coroutine_threadsafe(self._score(self.rubric, self.teacher, samples, completions, groups),
+                                                self._loop)
+
+    def score(self, samples: list[dict], completions: list[str], groups: list[list[int]]) -> RewardBatch:
+        return self.submit(samples, completions, groups).result()
+
+    async def _score(self, rubric: Rubric, teacher: Teacher | None, samples, completions, groups) -> RewardBatch:
+        loop = asyncio.get_running_loop()
+        n = len(completions)
+        checks = [c for c in rubric.criteria if c.check is not None]
+        check_jobs = [loop.run_in_executor(self._pool, run_check, rubric, c, s, t)
+                      for c in checks for s, t in zip(samples, completions)]
+        judge_jobs = []
+        if teacher is not None:
+            for rows in groups:
+                sample = samples[rows[0]]
+                judge_jobs.append(teacher.judge_group(sample["prompt"], _reference(sample),
+                                                      [completions[i] for i in rows]))
+        check_values, judged = await asyncio.gather(asyncio.gather(*check_jobs), asyncio.gather(*judge_jobs))
+
+        scores = {c.name: np.asarray(check_values[k * n:(k + 1) * n], dtype=np.float64) for k, c in enumerate(checks)}
+        valid = np.ones(n, dtype=bool)
+        reasons: dict[str, list[str]] = {}
+        for c in rubric.criteria:
+            if c.judge is not None:
+                scores[c.name] = np.full(n, np.nan)
+                reasons[c.name] = [""] * n
+        for rows, results in zip(groups, judged):
+            for i, result in zip(rows, results):
+                if result is None or any(c.name not in result for c in rubric.criteria if c.judge is not None):
+                    valid[i] = False
+                    continue
+                for name, (value, why) in result.items():
+                    if name in reasons:
+                        scores[name][i] = value
+                        reasons[name][i] = why
+        if teacher is not None:
+            self._recent.extend(bool(not v) for v in valid)
+        return combine(rubric, scores, valid, reasons)
+
+    # -- accounting and stopping ---------------------------------------------------------------
+
+    @property
+    def usage(self) -> TeacherUsage:
+        """Teacher usage over the whole run (across rubric reloads)."""
+        current = self.teacher.usage if self.teacher is not None else TeacherUsage()
+        return self._add(self._usage_before, current)
+
+    def check_failures(self) -> None:
+        """Raise TeacherUnavailable when the recent failure rate passes the rubric's threshold."""
+        # Judge only once a quarter of the window is in, so one unlucky first group cannot stop a run.
+        if self.teacher is None or len(self._recent) < max(1, self.teacher.cfg.failure_window // 4):
+            return
+        rate = sum(self._recent) / len(self._recent)
+        if rate > self.teacher.cfg.max_failure_rate:
+            raise TeacherUnavailable(
+                f"{sum(self._recent)} of the last {len(self._recent)} teacher scores failed "
+                f"(max_failure_rate {self.teacher.cfg.max_failure_rate:g}); last error: {self.teacher.last_error}")
+
+    def budget_exhausted(self) -> str | None:
+        """A message when the teacher's token or USD budget is spent, else None."""
+        if self.teacher is None:
+            return None
+        budget, used = self.teacher.cfg.budget, self.usage
+        if budget.tokens is not None and used.tokens >= budget.tokens:
+            return f"teacher token budget spent: {used.tokens:,} of {budget.tokens:,} tokens"
+        if budget.usd is not None and used.cost_usd >= budget.usd:
+            return f"teacher budget spent: ${used.cost_usd:.4f} of ${budget.usd:.2f}"
+        return None
+
+    def close(self) -> None:
+        """Idempotent: a second call (e.g. from a finally block) does nothing."""
+        if not self._loop.is_running():
+            return
+        if self.teacher is not None:
+            self._run(self.teacher.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.cache is not None:
+            self.cache.close()
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    @staticmethod
+    def _add(a: TeacherUsage, b: TeacherUsage) -> TeacherUsage:
+        return TeacherUsage(**{k: getattr(a, k) + getattr(b, k) for k in vars(a)})
+
+
+def _reference(sample: dict) -> str | None:
+    answer = sample.get("answer")
+    return None if answer is None else str(answer)

@@ -1,0 +1,186 @@
+"""What the teacher is asked and how its reply is read: pure functions, no I/O.
+
+Group mode shows one prompt and its completions (under short ids, in shuffled order, against
+position bias) and asks for a JSON object with, per completion and per criterion, a short
+justification *before* the score, so the score follows from the reasoning rather than the
+reverse. Single mode asks the same for one completion.
+
+A reply is accepted only if it is exactly right: every id once, no extra ids, every criterion,
+every score a number inside the criterion's scale. Anything else raises `InvalidReply`, and the
+caller retries; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+SYSTEM_PROMPT = """\
+You are a strict, consistent grader. You score answers written by a student model against the \
+criteria given. Judge each criterion independently, using its own scale. Be concise: one short \
+sentence of justification per score. Reply with one JSON object and nothing else."""
+
+_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+class InvalidReply(ValueError):
+    """The teacher's reply cannot be used as it is; the message says why (for the retry request)."""
+
+
+def completion_ids(n: int) -> list[str]:
+    """Short labels: A..Z, then A1..Z1, A2.. (they carry no order information once shuffled in)."""
+    return [chr(ord("A") + i % 26) + (str(i // 26) if i >= 26 else "") for i in range(n)]
+
+
+def _criteria_text(criteria) -> str:
+    lines = []
+    for c in criteria:
+        low, high = (_fmt(v) for v in c.scale)
+        lines.append(f"- {c.name} (score {low} to {high}): {c.judge}")
+    return "\n".join(lines)
+
+
+def _task_text(prompt: str, reference: str | None) -> str:
+    text = f"## Task given to the student\n{prompt.strip()}\n"
+    if reference:
+        text += f"\n## Reference answer\n{reference.strip()}\n"
+    return text
+
+
+def _example(criteria) -> str:
+    return "{" + ", ".join(f'"{c.name}": {{"justification": "...", "score": <number>}}' for c in criteria) + "}"
+
+
+def group_messages(prompt: str, reference: str | None, shown: list[tuple[str, str]], criteria) -> list[dict]:
+    """Chat messages asking for scores of `shown` [(id, completion text)], already in shown order."""
+    # Delimiters unlike any tag a completion itself may contain (e.g. <answer>).
+    answers = "\n".join(f"<<<answer {cid}>>>\n{text}\n<<<end of answer {cid}>>>" for cid, text in shown)
+    ids = ", ".join(cid for cid, _ in shown)
+    user = (f"{_task_text(prompt, reference)}\n## Criteria\n{_criteria_text(criteria)}\n\n"
+            f"## Student answers ({len(shown)}: {ids})\n{answers}\n\n"
+            "## Reply format\nA JSON object with one entry per answer id, each scoring every criterion:\n"
+            f'{{"scores": [{{"id": "<id>", "criteria": {_example(criteria)}}}, ...]}}\n'
+            f"Include each of these ids exactly once: {ids}.")
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def single_messages(prompt: str, reference: str | None, completion: str, criteria) -> list[dict]:
+    user = (f"{_task_text(prompt, reference)}\n## Criteria\n{_criteria_text(criteria)}\n\n"
+            f"## Student answer\n<<<answer>>>\n{completion}\n<<<end of answer>>>\n\n"
+            f'## Reply format\nA JSON object scoring every criterion:\n{{"criteria": {_example(criteria)}}}')
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def retry_messages(messages: list[dict], reply: str, problem: str) -> list[dict]:
+    """The original request plus the invalid reply and what was wrong with it, so the retry can differ
+    even from a deterministic (temperature 0) teacher."""
+    return messages + [
+        {"role": "assistant", "content": reply[:4000]},
+        {"role": "user", "content": f"That reply cannot be used: {problem}. Reply again with only the JSON "
+                                    "object in the requested format."},
+    ]
+
+
+def _criteria_schema(criteria) -> dict:
+    entry = {"type": "object", "additionalProperties": False, "required": ["justification", "score"],
+             "properties": {"justification": {"type": "string"}, "score": {"type": "number"}}}
+    return {"type": "object", "additionalProperties": False, "required": [c.name for c in criteria],
+            "properties": {c.name: entry for c in criteria}}
+
+
+def reply_schema(criteria, grouped: bool) -> dict:
+    """JSON schema of a valid reply, for servers with structured output (OpenAI `json_schema`)."""
+    if not grouped:
+        return {"type": "object", "additionalProperties": False, "required": ["criteria"],
+                "properties": {"criteria": _criteria_schema(criteria)}}
+    item = {"type": "object", "additionalProperties": False, "required": ["id", "criteria"],
+            "properties": {"id": {"type": "string"}, "criteria": _criteria_schema(criteria)}}
+    return {"type": "object", "additionalProperties": False, "required": ["scores"],
+            "properties": {"scores": {"type": "array", "items": item}}}
+
+
+def extract_json(text: str) -> dict | None:
+    """The first JSON object in a reply, for servers without JSON mode: it may be wrapped in prose,
+    in ``` fences, or preceded by a <think> block. None if there is no parseable object."""
+    text = _THINK_RE.sub("", text)
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start >= 0:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    return None
+
+
+def parse_group_reply(text: str, ids: list[str], criteria) -> dict[str, dict[str, tuple[float, str]]]:
+    """{id: {criterion: (score in [0, 1], justification)}} for exactly `ids`, or InvalidReply."""
+    data = _json_or_raise(text)
+    items = data.get("scores")
+    if not isinstance(items, list):
+        raise InvalidReply('the object has no "scores" list')
+    result: dict[str, dict] = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise InvalidReply('every entry of "scores" needs an "id"')
+        cid = item["id"].strip()
+        if cid not in ids:
+            raise InvalidReply(f"unknown id {cid!r}; the ids are {', '.join(ids)}")
+        if cid in result:
+            raise InvalidReply(f"id {cid} is scored more than once")
+        result[cid] = _criteria_scores(item.get("criteria"), criteria, f"id {cid}")
+    if len(result) != len(ids):
+        missing = [cid for cid in ids if cid not in result]
+        raise InvalidReply(f"{len(result)} answers scored, expected {len(ids)}; missing ids {', '.join(missing)}")
+    return result
+
+
+def parse_single_reply(text: str, criteria) -> dict[str, tuple[float, str]]:
+    return _criteria_scores(_json_or_raise(text).get("criteria"), criteria, "the answer")
+
+
+def _json_or_raise(text: str) -> dict:
+    data = extract_json(text or "")
+    if data is None:
+        raise InvalidReply("no JSON object found")
+    return data
+
+
+def _criteria_scores(block, criteria, what: str) -> dict[str, tuple[float, str]]:
+    if not isinstance(block, dict):
+        raise InvalidReply(f'{what}: "criteria" must be an object with one entry per criterion')
+    scores = {}
+    for c in criteria:
+        entry = block.get(c.name)
+        if not isinstance(entry, dict) or "score" not in entry:
+            raise InvalidReply(f"{what}: criterion {c.name} has no score")
+        score = _as_number(entry["score"])
+        low, high = c.scale
+        if score is None or not low <= score <= high:
+            raise InvalidReply(f"{what}: {c.name} score {entry['score']!r} is not a number from {_fmt(low)} to "
+                               f"{_fmt(high)}")
+        justification = entry.get("justification")
+        scores[c.name] = ((score - low) / (high - low), justification if isinstance(justification, str) else "")
+    return scores
+
+
+def _as_number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
