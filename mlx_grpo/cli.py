@@ -17,7 +17,7 @@ DEFAULT_CONFIG = "configs/default.yaml"
 SHORTHANDS = {
     "model": ("model.path", "Model: built-in alias, HF id, mlx-lm directory or .gguf file."),
     "rubric": ("rubric", "Rubric YAML."),
-    "data": ("data.dataset", "A JSONL path or a built-in task name (arithmetic)."),
+    "data": ("data.dataset", "A JSONL path or a built-in task name (arithmetic, coding)."),
     "run_name": ("train.run_name", "Name of the run directory under logs/runs/."),
 }
 
@@ -92,6 +92,25 @@ def validate_inputs(cfg: Config):
     return rubric, items
 
 
+def start_scorer(cfg: Config, rubric, run_dir: Path, console, notify):
+    """The rubric's scorer, with its teacher checked by one tiny request (before the model loads)."""
+    from mlx_grpo.rewards import Scorer
+
+    cache = Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else run_dir / "teacher_cache.sqlite"
+    scorer = Scorer(rubric, cache_path=cache, warn=lambda text: notify(f"teacher: {text}"))
+    if scorer.teacher is not None:
+        t = scorer.teacher.cfg
+        try:
+            with console.status(f"Checking the teacher {t.model} at {t.base_url}..."):
+                scorer.preflight()
+        except BaseException:
+            scorer.close()
+            raise
+        console.print(f"Teacher: {t.model} at {t.base_url} ({t.mode} mode) answers. Score cache: {cache}",
+                      soft_wrap=True)
+    return scorer
+
+
 def run_training(cfg: Config, console) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -99,32 +118,42 @@ def run_training(cfg: Config, console) -> int:
     from mlx_grpo.metrics.files import JsonlSink, LearningLogSink
     from mlx_grpo.metrics.tensorboard import TensorBoardSink
     from mlx_grpo.models import load_model
+    from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable, describe_rubric
     from mlx_grpo.trainer import train
 
     rubric, items = validate_inputs(cfg)
     run_dir, tb_dir = make_run_dirs(cfg)
-    console.print("[bold]Resolved config[/bold]")
-    console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    hub = None
 
-    with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
-        model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
-    console.print(f"Model: {model_dir}", soft_wrap=True)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
-                                                        sort_keys=False))
-    sinks = [TensorBoardSink(tb_dir), JsonlSink(run_dir / "metrics.jsonl"),
-             LearningLogSink(run_dir / "learning.log", [c.name for c in rubric.criteria])]
-    if cfg.logging.wandb:
-        from mlx_grpo.metrics.wandb_sink import WandbSink
-        sinks.append(WandbSink(cfg, run_dir))
-    hub = MetricsHub(sinks)
-    console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
+    def notify(text: str) -> None:
+        """A message for the user: on the console and, once logging has started, in learning.log."""
+        console.print(text, soft_wrap=True, markup=False)
+        if hub is not None:
+            hub.log_text(hub.last_step, "Notices", text)
 
-    columns = [TextColumn("step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
-               TextColumn("reward {task.fields[reward]}"), TextColumn("gen {task.fields[gen]} tok/s"),
-               TextColumn("train {task.fields[train]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn()]
+    scorer = start_scorer(cfg, rubric, run_dir, console, notify)
     try:
+        console.print("[bold]Resolved config[/bold]")
+        console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+
+        with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
+            model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
+        console.print(f"Model: {model_dir}", soft_wrap=True)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
+                                                            sort_keys=False))
+        sinks = [TensorBoardSink(tb_dir), JsonlSink(run_dir / "metrics.jsonl"), LearningLogSink(run_dir / "learning.log")]
+        if cfg.logging.wandb:
+            from mlx_grpo.metrics.wandb_sink import WandbSink
+            sinks.append(WandbSink(cfg, run_dir))
+        hub = MetricsHub(sinks)
+        hub.log_text(0, "Rubric/changes", describe_rubric(rubric))
+        console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
+
+        columns = [TextColumn("step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
+                   TextColumn("reward {task.fields[reward]}"), TextColumn("gen {task.fields[gen]} tok/s"),
+                   TextColumn("train {task.fields[train]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn()]
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("train", total=cfg.train.steps, reward="-", gen="-", train="-")
 
@@ -133,14 +162,31 @@ def run_training(cfg: Config, console) -> int:
                            gen=f"{record['Performance/Generation_TokensPerSec']:.0f}",
                            train=f"{record.get('Performance/Backprop_TokensPerSec', 0):.0f}")
                 if not console.is_terminal:
+                    teacher = (f" teacher {record['Teacher/Requests']:.0f} req {record['Teacher/APITokens']:.0f} tok"
+                               if "Teacher/Requests" in record else "")
                     console.print(f"step {step}/{cfg.train.steps} reward {record['Train/AvgReward']:.3f} "
-                                  f"loss {record['Train/Loss']:+.4f} {record['timing_s/step']:.1f}s")
+                                  f"loss {record['Train/Loss']:+.4f} {record['timing_s/step']:.1f}s{teacher}")
 
-            state = train(cfg, run_dir, items, rubric, model, tokenizer, hub, progress=on_step)
+            try:
+                state = train(cfg, run_dir, items, scorer, model, tokenizer, hub, progress=on_step,
+                              watcher=RubricWatcher(rubric), notify=notify)
+            except TeacherUnavailable as err:
+                # Adapters of the completed steps are saved by train(); say where and stop.
+                print(f"error: teacher: {err}. Adapters so far: {run_dir / 'adapters.safetensors'}", file=sys.stderr)
+                return 1
     finally:
-        hub.close()
+        scorer.close()
+        if hub is not None:
+            hub.close()
     rewards = state.rewards
     k = min(5, len(rewards))
+    if state.stop_reason:
+        console.print(f"Stopped early: {state.stop_reason}", soft_wrap=True)
+    usage = scorer.usage
+    if usage.requests or usage.cache_hits:
+        cost = f", ${usage.cost_usd:.4f}" if usage.cost_usd else ""
+        console.print(f"Teacher: {usage.requests} requests, {usage.tokens:,} tokens{cost}, {usage.cache_hits} cache "
+                      f"hits, {usage.failed} completions masked.", soft_wrap=True)
     console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
                   f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}",
                   soft_wrap=True)

@@ -45,7 +45,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("arithmetic", "A built-in task name ('arithmetic') or a path to a JSONL file with a 'prompt' field.")
+    dataset: str = opt("arithmetic", "A built-in task name ('arithmetic' or 'coding') or a path to a JSONL file with a 'prompt' field.")
     train_size: int = opt(2000, "Number of training prompts generated for built-in tasks (one epoch).")
     test_size: int = opt(200, "Number of held-out prompts generated for built-in tasks.")
     max_ops: int = opt(3, "Arithmetic task difficulty: at most this many operations per problem (1-3 is the usual range).")
@@ -108,7 +108,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rubric: str = opt("rubrics/math.yaml", "Path to the rubric YAML that scores completions.")
+    rubric: str = opt("rubrics/math.yaml", "Path to the rubric YAML that scores completions. Edits to it apply from the next step.")
+    teacher_cache: str = opt("", "Teacher score cache (sqlite). Empty = teacher_cache.sqlite in the run directory; "
+                                 "a shared path such as ~/.cache/mlx-grpo/teacher.sqlite reuses scores across runs.")
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

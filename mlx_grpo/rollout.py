@@ -105,6 +105,12 @@ class TrainBatch:
         real = int((lengths.sum() + mask.sum()).item())
         return TrainBatch(tokens, lengths, mask, real)
 
+    def keep_rows(self, keep) -> "TrainBatch":
+        """Zero the loss mask of rows where `keep` (bool, (N,)) is False, e.g. completions the
+        teacher failed to score: they must not move the weights, not even through the KL term."""
+        mask = self.mask * mx.array(keep, dtype=mx.float32)[:, None]
+        return TrainBatch(self.tokens, self.prompt_lengths, mask, self.num_tokens)
+
 
 def to_train_batch(rollout: Rollout, mask_truncated: bool = False) -> TrainBatch:
     """Concatenate each prompt with its sampled ids (never re-tokenised text) into one array."""

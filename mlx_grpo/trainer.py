@@ -1,4 +1,4 @@
-"""The GRPO training loop: rollout -> score -> advantages -> clipped-surrogate update -> log.
+"""The GRPO training loop: rollout -> score (overlapped) -> advantages -> clipped-surrogate update -> log.
 
 Read `train` top to bottom; every other function here is a small piece it calls.
 """
@@ -21,9 +21,9 @@ from mlx_grpo import grpo
 from mlx_grpo.config import Config
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.metrics import MetricsHub
-from mlx_grpo.metrics.record import criterion_metrics, length_metrics, reward_metrics
+from mlx_grpo.metrics.record import criterion_metrics, length_metrics, reward_metrics, teacher_metrics
 from mlx_grpo.models import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
-from mlx_grpo.rewards import score_completions
+from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
 from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
 
 
@@ -34,6 +34,7 @@ NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0,
 class TrainState:
     step: int = 0
     rewards: list[float] = field(default_factory=list)  # mean reward per step, for the summary
+    stop_reason: str | None = None  # set when training ended before cfg.train.steps (e.g. budget spent)
 
 
 def seed_everything(seed: int) -> None:
@@ -94,17 +95,31 @@ def make_loss_fn(cfg: Config):
     return loss_fn
 
 
-def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, base_params):
-    """mu passes over the batch, each an optimizer step over grad_accum micro-batches."""
+def micro_batches(cfg: Config, batch: TrainBatch) -> list[tuple[int, int]]:
+    """Row ranges of the grad_accum micro-batches."""
+    size = batch.tokens.shape[0] // cfg.optim.grad_accum_steps
+    return [(i, i + size) for i in range(0, batch.tokens.shape[0], size)]
+
+
+def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params) -> tuple[list, list]:
+    """Old-policy and reference log-probs per micro-batch, fixed before the update starts.
+
+    They depend only on the sampled tokens, so the trainer computes them while the teacher scores.
+    """
     g, chunk = cfg.grpo, cfg.grpo.logprob_chunk_size
-    accum = cfg.optim.grad_accum_steps
-    size = batch.tokens.shape[0] // accum
-    starts = range(0, batch.tokens.shape[0], size)
-    micro, micro_adv = [batch.rows(i, i + size) for i in starts], [advantages[i:i + size] for i in starts]
+    parts = [batch.rows(a, b) for a, b in micro_batches(cfg, batch)]
     # Old-policy log-probs are only needed when the weights move between passes.
-    old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in micro] if g.num_iterations > 1 else [None] * accum
-    ref = [reference_logprobs(model, m, chunk, base_params) for m in micro] if g.beta > 0 else [None] * accum
+    old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in parts] if g.num_iterations > 1 else [None] * len(parts)
+    ref = [reference_logprobs(model, m, chunk, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
     mx.eval(old, ref)
+    return old, ref
+
+
+def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, old, ref):
+    """mu passes over the batch, each an optimizer step over grad_accum micro-batches."""
+    g, accum = cfg.grpo, cfg.optim.grad_accum_steps
+    ranges = micro_batches(cfg, batch)
+    micro, micro_adv = [batch.rows(a, b) for a, b in ranges], [advantages[a:b] for a, b in ranges]
     model.train()
     totals: dict[str, float] = {}
     grad_norm = mx.array(0.0)
@@ -129,9 +144,44 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
     return totals
 
 
-def train(cfg: Config, run_dir: Path, items: list[dict], rubric, model, tokenizer,
-          hub: MetricsHub, progress=None) -> TrainState:
-    """Run cfg.train.steps GRPO steps; adapters are saved into run_dir."""
+def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub, step: int, notify) -> None:
+    """Apply an edited rubric file from this step on; a broken edit only warns (the old rubric stays)."""
+    if watcher is None:
+        return
+    rubric, warning = watcher.poll()
+    if warning:
+        notify(f"warning: {warning}")
+    if rubric is not None:
+        scorer.set_rubric(rubric)
+        summary = describe_rubric(rubric)
+        hub.log_text(step, "Rubric/changes", summary)
+        notify(f"rubric reloaded at step {step}: {rubric.path} (version {rubric.version})")
+
+
+def completion_rows(step: int, samples: list[dict], texts: list[str], scored) -> list[dict]:
+    """completions.jsonl rows: the text, its reward (null when masked), each criterion's score and
+    the teacher's justification, so a surprising reward can be traced to its reason."""
+    rows = []
+    for i, (sample, text) in enumerate(zip(samples, texts)):
+        scores = {name: None if np.isnan(col[i]) else round(float(col[i]), 4)
+                  for name, col in scored.criterion_scores.items()}
+        reasons = {name: why[i] for name, why in scored.justifications.items() if why[i]}
+        # What the rubric's checks read from the sample, so `rubric score --jsonl` can rescore the file.
+        inputs = {k: sample[k] for k in ("answer", "tests", "entry_point") if sample.get(k) is not None}
+        rows.append({"step": step, "prompt": sample["prompt"], **inputs,
+                     "completion": text, "reward": float(scored.rewards[i]) if scored.valid[i] else None,
+                     "valid": bool(scored.valid[i]), "scores": scores,
+                     **({"justifications": reasons} if reasons else {})})
+    return rows
+
+
+def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, tokenizer,
+          hub: MetricsHub, progress=None, watcher: RubricWatcher | None = None, notify=print) -> TrainState:
+    """Run cfg.train.steps GRPO steps; adapters are saved into run_dir, also when a step fails.
+
+    `scorer` holds the rubric (and its teacher); `watcher`, if given, hot-reloads the rubric file.
+    Training stops early, cleanly, when the teacher's budget is spent (state.stop_reason says so).
+    """
     seed_everything(cfg.train.seed)
     adapter_config = prepare_trainable(model, cfg)
     base_params = None
@@ -147,78 +197,103 @@ def train(cfg: Config, run_dir: Path, items: list[dict], rubric, model, tokenize
     completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
     start_time = time.perf_counter()
 
-    for step in range(1, cfg.train.steps + 1):
-        step_start = time.perf_counter()
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            step_start = time.perf_counter()
+            reload_rubric(watcher, scorer, hub, step, notify)
+            usage_before = scorer.usage
 
-        # 1. Rollout: B prompts x G samples, all decoded together.
-        samples = sampler.next_batch(B)
-        prompts = [build_prompt_tokens(tokenizer, s, system) for s in samples]
-        rollout = generate_rollout(model, prompts, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
-                                   eos_token_ids=eos_ids, temperature=cfg.rollout.temperature,
-                                   top_p=cfg.rollout.top_p)
+            # 1. Rollout: B prompts x G samples, all decoded together.
+            samples = sampler.next_batch(B)
+            prompts = [build_prompt_tokens(tokenizer, s, system) for s in samples]
+            rollout = generate_rollout(model, prompts, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
+                                       eos_token_ids=eos_ids, temperature=cfg.rollout.temperature,
+                                       top_p=cfg.rollout.top_p)
 
-        # 2. Score: text is decoded for the rubric only; training uses the sampled ids.
-        score_start = time.perf_counter()
-        texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
-        group_samples = [s for s in samples for _ in range(G)]
-        scored = score_completions(rubric, group_samples, texts)
-        reward_time = time.perf_counter() - score_start
+            # 2. Score in the background (checks in threads, teacher requests concurrently);
+            # text is decoded for the rubric only, training uses the sampled ids.
+            texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
+            group_samples = [s for s in samples for _ in range(G)]
+            score_start = time.perf_counter()
+            scoring = scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
+            scored_at = []
+            scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
 
-        # 3. Advantages, relative within each prompt's group.
-        advantages = grpo.group_advantages(mx.array(scored.rewards), G, scale=cfg.grpo.scale_rewards,
-                                           valid=mx.array(scored.valid))
+            # 3. Meanwhile: the train batch and the log-probs the update needs that do not depend on rewards.
+            ref_start = time.perf_counter()
+            batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated)
+            old_logprobs, ref_logprobs = frozen_logprobs(model, cfg, batch, base_params)
+            ref_time = time.perf_counter() - ref_start
+            wait_start = time.perf_counter()
+            scored = scoring.result()
+            reward_wait = time.perf_counter() - wait_start
+            scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
 
-        # 4. Update: clipped surrogate against the sampling policy, optional KL to the base model.
-        # A batch where every group scored alike carries no signal; stepping AdamW on its zero
-        # gradient would still move the weights along stale momentum, so skip it.
-        update_start = time.perf_counter()
-        batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated)
-        has_signal = cfg.grpo.beta > 0 or mx.any(advantages != 0).item()
-        stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, base_params) \
-            if has_signal else dict(NO_UPDATE_STATS)
-        update_time = time.perf_counter() - update_start
+            # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
+            advantages = grpo.group_advantages(mx.array(scored.rewards), G, scale=cfg.grpo.scale_rewards,
+                                               valid=mx.array(scored.valid))
+            if not scored.valid.all():
+                batch = batch.keep_rows(scored.valid)
 
-        # 5. Log one record and save adapters.
-        state.step = step
-        lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
-        step_time = time.perf_counter() - step_start
-        record = {
-            "Train/Loss": stats["loss"],
-            "Train/PolicyLoss": stats["policy_loss"],
-            "Train/KLPenalty": stats["kl"],
-            **reward_metrics(scored.rewards, scored.valid, G),
-            **criterion_metrics(rubric.criteria, scored.criterion_scores, scored.valid),
-            **length_metrics([len(c) for c in rollout.completion_tokens], [len(p) for p in prompts],
-                             rollout.finish_reasons, cfg.rollout.max_new_tokens),
-            "Performance/Generation_TokensPerSec": rollout.tokens_per_sec,
-            "Performance/Generation_Time": rollout.generation_time_s,
-            "actor/update_skipped": float(not has_signal),
-            "actor/grad_norm": stats["grad_norm"],
-            "actor/lr": float(lr),
-            "actor/pg_clipfrac": stats["clip_frac"],
-            "actor/ppo_kl": stats["kl"],
-            "timing_s/gen": rollout.generation_time_s,
-            "timing_s/reward": reward_time,
-            "timing_s/update_actor": update_time,
-            "timing_s/step": step_time,
-            "time/elapsed_s": time.perf_counter() - start_time,
-            "epoch": step * B / len(items),
-        }
-        if has_signal:  # a skipped update measured no backprop speed
-            record["Performance/Backprop_TokensPerSec"] = batch.num_tokens * cfg.grpo.num_iterations / update_time
-        hub.log(step, record)
-        state.rewards.append(record["Train/AvgReward"])
-        if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
-            for sample, text, reward in zip(group_samples, texts, scored.rewards.tolist()):
-                completions_log.write(json.dumps({"step": step, "prompt": sample["prompt"],
-                                                  "answer": sample.get("answer"), "completion": text,
-                                                  "reward": reward}) + "\n")
-            completions_log.flush()
-        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            # 5. Update: clipped surrogate against the sampling policy, optional KL to the base model.
+            # A batch where every group scored alike carries no signal; stepping AdamW on its zero
+            # gradient would still move the weights along stale momentum, so skip it.
+            update_start = time.perf_counter()
+            has_signal = (cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item()
+            stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, old_logprobs,
+                                  ref_logprobs) if has_signal else dict(NO_UPDATE_STATS)
+            update_time = time.perf_counter() - update_start
+
+            # 6. Log one record and save adapters.
+            state.step = step
+            lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
+            step_time = time.perf_counter() - step_start
+            usage = scorer.usage
+            record = {
+                "Train/Loss": stats["loss"],
+                "Train/PolicyLoss": stats["policy_loss"],
+                "Train/KLPenalty": stats["kl"],
+                **reward_metrics(scored.rewards, scored.valid, G),
+                **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
+                **length_metrics([len(c) for c in rollout.completion_tokens], [len(p) for p in prompts],
+                                 rollout.finish_reasons, cfg.rollout.max_new_tokens),
+                "Performance/Generation_TokensPerSec": rollout.tokens_per_sec,
+                "Performance/Generation_Time": rollout.generation_time_s,
+                "actor/update_skipped": float(not has_signal),
+                "actor/grad_norm": stats["grad_norm"],
+                "actor/lr": float(lr),
+                "actor/pg_clipfrac": stats["clip_frac"],
+                "actor/ppo_kl": stats["kl"],
+                "timing_s/gen": rollout.generation_time_s,
+                "timing_s/ref": ref_time,
+                "timing_s/reward": (scored_at[0] if scored_at else wait_start + reward_wait) - score_start,
+                "timing_s/reward_wait": reward_wait,  # the part of scoring nothing else overlapped
+                "timing_s/update_actor": update_time,
+                "timing_s/step": step_time,
+                "time/elapsed_s": time.perf_counter() - start_time,
+                "epoch": step * B / len(items),
+            }
+            if scorer.teacher is not None or usage.requests:
+                record.update(teacher_metrics(usage.since(usage_before), usage))
+            if has_signal:  # a skipped update measured no backprop speed
+                record["Performance/Backprop_TokensPerSec"] = batch.num_tokens * cfg.grpo.num_iterations / update_time
+            hub.log(step, record)
+            state.rewards.append(record["Train/AvgReward"])
+            if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
+                for row in completion_rows(step, group_samples, texts, scored):
+                    completions_log.write(json.dumps(row) + "\n")
+                completions_log.flush()
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                save_adapters(model, run_dir, adapter_config)
+            if progress is not None:
+                progress(step, record)
+            if (spent := scorer.budget_exhausted()) is not None:
+                state.stop_reason = f"{spent}; stopped after step {step}"
+                notify(state.stop_reason)
+                break
+    finally:
+        # Whatever ends the loop (done, budget, teacher down, Ctrl-C), the trained weights are kept.
+        if state.step > 0:
             save_adapters(model, run_dir, adapter_config)
-        if progress is not None:
-            progress(step, record)
-
-    save_adapters(model, run_dir, adapter_config)
-    completions_log.close()
+        completions_log.close()
     return state
