@@ -40,10 +40,14 @@ def server():
     teacher.close()
 
 
+SECRET = "sk-test-7f3a9c1e5b"
+
+
 def teacher_env(monkeypatch, server, token_budget=None):
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
     monkeypatch.setenv("TEACHER_MODEL", "scripted-teacher")
-    monkeypatch.setenv("TEACHER_KEY_ENV", "")  # a local server: no key
+    monkeypatch.setenv("TEACHER_KEY_ENV", "MLX_GRPO_TEST_TEACHER_KEY")
+    monkeypatch.setenv("MLX_GRPO_TEST_TEACHER_KEY", SECRET)
     if token_budget is not None:
         monkeypatch.setenv("TEACHER_TOKEN_BUDGET", str(token_budget))
 
@@ -63,16 +67,22 @@ def test_code_teacher_config_trains_and_stops_at_the_budget(tmp_path, monkeypatc
     code = train_main(["--config", "configs/code_teacher.yaml", "--train.steps", "5", "--run-name", "code",
                        "--train.output_dir", str(out), *TINY_RUN])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "teacher token budget spent: 600 of 500 tokens; stopped after step 2" in " ".join(printed.split())
+    out_text, err_text = capsys.readouterr()
+    assert "teacher token budget spent: 600 of 500 tokens; stopped after step 2" in " ".join(out_text.split())
     run_dir = out / "runs" / "code"
+
+    # The key goes to the server, and nowhere else: not the console, config, logs, cache or events.
+    assert all(r["headers"]["authorization"] == f"Bearer {SECRET}" for r in server.chat_requests)
+    assert SECRET not in out_text + err_text
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
 
     # One request per prompt group, and the preflight before any of them.
     chat = server.chat_requests
     assert len(chat) == 1 + 2 * 2
     assert chat[0]["body"]["max_tokens"] == 16 and "response_format" not in chat[0]["body"]
     assert all(r["body"]["response_format"]["type"] == "json_schema" for r in chat[1:])
-    assert all("authorization" in r["headers"] for r in chat)  # the client sends a placeholder key
 
     # Metrics: two steps, then the clean stop with a final save.
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
