@@ -198,8 +198,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     console = Console(stderr=False)
-    debug = "--debug" in argv
-    try:
+
+    def run() -> int:
         args, overrides = parse_args(argv)
         if args.resume:
             raise UserInputError("--resume: resuming runs is not available in this version yet")
@@ -208,6 +208,14 @@ def train_main(argv: list[str] | None = None) -> int:
             config_path = None  # run from outside the repo: built-in defaults are the demo
         cfg = load_config(config_path, overrides)
         return run_training(cfg, console)
+
+    return with_one_line_errors(run, debug="--debug" in argv)
+
+
+def with_one_line_errors(run, debug: bool) -> int:
+    """Exit code of `run()`; bad input becomes one line on stderr and exit code 2 (no traceback)."""
+    try:
+        return run()
     except UserInputError as err:
         if debug:
             raise

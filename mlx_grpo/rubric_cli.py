@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 import mlx_grpo  # noqa: F401  (loads the optimised BLAS before anything imports mlx.core)
-from mlx_grpo.cli import OneLineParser
+from mlx_grpo.cli import OneLineParser, with_one_line_errors
 from mlx_grpo.errors import UserInputError
 
 
@@ -191,17 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     console = Console()
-    try:
+
+    def run() -> int:
         args = build_parser().parse_args(argv)
         return run_check(args, console) if args.command == "check" else run_score(args, console)
-    except UserInputError as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return with_one_line_errors(run, debug="--debug" in argv)
 
 
 if __name__ == "__main__":
