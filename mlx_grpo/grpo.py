@@ -34,6 +34,21 @@ def masked_mean(x: mx.array, mask: mx.array, axis=None) -> mx.array:
     return total / mx.maximum(count, 1)
 
 
+def masked_std(x: mx.array, mask: mx.array) -> mx.array:
+    """Population std of x over mask == 1 (0 for an empty mask)."""
+    mean = masked_mean(x, mask)
+    return mx.sqrt(masked_mean((x - mean) ** 2, mask))
+
+
+def masked_quantile(x: mx.array, mask: mx.array, q: float) -> mx.array:
+    """The q-quantile (nearest rank, lower) of x over mask == 1; 0 for an empty mask."""
+    flat = mx.where(mask.reshape(-1) > 0, x.reshape(-1).astype(mx.float32), mx.inf)
+    count = (mask > 0).sum()
+    rank = mx.floor(q * (mx.maximum(count, 1) - 1)).astype(mx.int32)
+    value = mx.sort(flat)[rank]
+    return mx.where(count > 0, value, 0.0)
+
+
 def k3_kl(logprobs: mx.array, ref_logprobs: mx.array) -> mx.array:
     """Per-token k3 estimator of KL(pi || pi_ref): e^d - d - 1 with d = ref - logp.
 
@@ -268,14 +283,23 @@ def grpo_loss(
     low = ((r < 1 - eps_low) & (adv < 0)).astype(mx.float32)
     high = ((r > 1 + eps_high) & (adv > 0)).astype(mx.float32)
     kl_stat = mx.array(0.0) if ref is None else masked_mean(sg(k3_kl(logprobs, ref)), mask)
+    log_ratio = sg(logprobs - old)
     stats = {
         "policy_loss": _aggregate(sg(-objective), mask, loss_type, max_len),
         "kl": kl_stat,
+        # How far this update moved from the sampling policy (k3 estimate of KL(new || old)).
+        "ppo_kl": masked_mean(sg(k3_kl(logprobs, old)), mask),
         "clip_frac_low": masked_mean(low, mask),
         "clip_frac_high": masked_mean(high, mask),
         "clip_frac": masked_mean(mx.maximum(low, high), mask),
         "ratio_mean": masked_mean(r, mask),
+        "ratio_std": masked_std(r, mask),
+        "ratio_p95": masked_quantile(r, mask, 0.95),
         # ratio > 0, so 0 marks an empty mask.
         "ratio_max": mx.where(on, r, 0.0).max(),
+        "log_ratio_mean": masked_mean(log_ratio, mask),
+        "log_ratio_std": masked_std(log_ratio, mask),
+        # Outside the clip range whatever the advantage's sign (clip_frac counts only active clips).
+        "outside_clip_frac": masked_mean(((r < 1 - eps_low) | (r > 1 + eps_high)).astype(mx.float32), mask),
     }
     return loss, stats

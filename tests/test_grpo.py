@@ -147,12 +147,35 @@ def test_clip_statistics():
     assert s["clip_frac"].item() == pytest.approx(0.5)
     assert s["ratio_mean"].item() == pytest.approx(1.0, abs=1e-6)  # (1.5 + 1 + 0.5 + 1) / 4
     assert s["ratio_max"].item() == pytest.approx(1.5, abs=1e-6)
-    # Same ratios with the advantage signs swapped: nothing is clipped.
+    # Importance-ratio distribution over the 4 tokens: 1.5, 1, 0.5, 1.
+    assert s["ratio_std"].item() == pytest.approx(math.sqrt(0.125), abs=1e-6)
+    assert s["ratio_p95"].item() == pytest.approx(1.0, abs=1e-6)  # nearest lower rank of 4: index 2
+    assert s["log_ratio_mean"].item() == pytest.approx((ln(1.5) + ln(0.5)) / 4, abs=1e-6)
+    assert s["outside_clip_frac"].item() == pytest.approx(0.5)
+    k3 = lambda d: math.exp(d) - d - 1  # noqa: E731  (KL(new || old) with d = old - new)
+    assert s["ppo_kl"].item() == pytest.approx((k3(-ln(1.5)) + k3(-ln(0.5))) / 4, abs=1e-6)
+    # Same ratios with the advantage signs swapped: nothing is clipped, but still outside the range.
     _, s = grpo_loss(lp, old, -adv, mx.ones((2, 2)))
-    assert s["clip_frac"].item() == 0.0
+    assert s["clip_frac"].item() == 0.0 and s["outside_clip_frac"].item() == pytest.approx(0.5)
     # Masked tokens are ignored by every statistic.
     _, s = grpo_loss(lp, old, adv, mx.array([[0, 1], [0, 1]]))
     assert s["clip_frac"].item() == 0.0 and s["ratio_max"].item() == pytest.approx(1.0)
+    assert s["ratio_std"].item() == 0.0 and s["ppo_kl"].item() == 0.0 and s["outside_clip_frac"].item() == 0.0
+    # An empty mask gives zeros, not NaN.
+    _, s = grpo_loss(lp, old, adv, mx.zeros((2, 2)))
+    assert all(math.isfinite(v.item()) for v in s.values()) and s["ratio_p95"].item() == 0.0
+
+
+def test_masked_quantile_matches_numpy():
+    import numpy as np
+
+    from mlx_grpo.grpo import masked_quantile
+
+    x = mx.array(np.arange(1, 21, dtype=np.float32).reshape(4, 5))
+    mask = mx.array((np.arange(20).reshape(4, 5) % 3 != 0).astype(np.float32))
+    values = np.sort(np.array(x)[np.array(mask) > 0])
+    for q in (0.0, 0.5, 0.95, 1.0):
+        assert masked_quantile(x, mask, q).item() == values[int(np.floor(q * (len(values) - 1)))]
 
 
 def _ragged():
