@@ -21,6 +21,13 @@ class MetricsHub:
             if hasattr(sink, "log_text"):
                 sink.log_text(step, tag, text)
 
+    def log_summary(self, step: int, scalars: dict[str, float], rows: list[list]) -> None:
+        """End of run: final/* scalars and the per-criterion summary table rows
+        [name, mean, std, min, max, samples]."""
+        for sink in self.sinks:
+            if hasattr(sink, "log_summary"):
+                sink.log_summary(step, scalars, rows)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

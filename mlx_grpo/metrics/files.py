@@ -8,14 +8,24 @@ from pathlib import Path
 
 
 class JsonlSink:
-    """One JSON object per step, flushed at once so a crash loses nothing already logged."""
+    """One JSON object per step, flushed at once so a crash loses nothing already logged.
 
-    def __init__(self, path: str | Path):
+    `keys`, if given, keeps only those entries (batch_metrics.jsonl holds just pass_at_1 and
+    pass_at_all). Arrays (histograms) are left out; TensorBoard and W&B have them.
+    """
+
+    def __init__(self, path: str | Path, keys: tuple[str, ...] | None = None):
         self.file = open(path, "a", encoding="utf-8")
+        self.keys = keys
 
-    def log(self, step: int, record: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+    def log(self, step: int, record: dict) -> None:
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float))
+                  and (self.keys is None or k in self.keys)}
+        if self.keys is not None and not values:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.file.flush()
+
 
     def close(self) -> None:
         self.file.close()
@@ -23,7 +33,8 @@ class JsonlSink:
 
 class LearningLogSink:
     """One human-readable line per step in the seed's format, for `tail -f learning.log`:
-    [Epoch 0.02]  loss=0.0123  grad=0.4567  lr=2.00e-04  reward=0.512±0.201  Answer_rew=0.250  frac_zero_std=0.50
+    [Epoch 0.02]  loss=0.0123  grad=0.4567  lr=2.00e-04  reward=0.512±0.201  Answer_rew=0.250±0.433  entropy=0.812  frac_zero_std=0.50
+    Notices (rubric reloads, health warnings) go in between, as "[step N] tag: text" lines.
     """
 
     def __init__(self, path: str | Path):
@@ -39,14 +50,22 @@ class LearningLogSink:
             f"reward={record.get('Train/AvgReward', nan):.3f}±{record.get('Train/RewardStd', nan):.3f}",
         ]
         # Criteria come from the record, so a rubric edited mid-run shows its new criteria.
-        parts += [f"{tag[len('Scoring/'):-len('_score')]}_rew={value:.3f}" for tag, value in record.items()
-                  if tag.startswith("Scoring/") and tag.endswith("_score")]
+        for tag, value in record.items():
+            if tag.startswith("Scoring/") and tag.endswith("_score"):
+                name = tag[len("Scoring/"):-len("_score")]
+                parts.append(f"{name}_rew={value:.3f}±{record.get(f'Scoring/{name}_std', 0.0):.3f}")
+        parts.append(f"entropy={record.get('actor/entropy_loss', nan):.3f}")
         parts.append(f"frac_zero_std={record.get('frac_reward_zero_std', nan):.2f}")
         self.file.write("  ".join(parts) + "\n")
         self.file.flush()
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         self.file.write(f"[step {step}] {tag}: {' '.join(text.split())}\n")
+        self.file.flush()
+
+    def log_summary(self, step: int, scalars: dict[str, float], rows: list[list]) -> None:
+        for name, mean, std, lo, hi, n in rows:
+            self.file.write(f"[final] {name}: mean={mean:.3f} std={std:.3f} min={lo:.3f} max={hi:.3f} samples={n}\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ def criterion_metrics(criteria: list, scores: dict[str, np.ndarray], valid: np.n
         record[f"Scoring/{criterion.name}"] = criterion.weight / total_weight
         values = scores[criterion.name][valid]
         record[f"Scoring/{criterion.name}_score"] = float(values.mean()) if values.size else 0.0
+        record[f"Scoring/{criterion.name}_std"] = float(values.std()) if values.size else 0.0
     return record
 
 
@@ -54,7 +55,31 @@ def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], fin
         "prompt_length/min": float(prompts.min()),
         "completion/truncated_frac": float(truncated.mean()),
         "completion/finished_frac": float(1.0 - truncated.mean()),
+        "tokens/prompt_total": float(prompts.sum()),
+        "tokens/response_total": float(lengths.sum()),
+        "tokens/overall_total": float(prompts.sum() + lengths.sum()),
     }
+
+
+def correctness_metrics(correct: np.ndarray, truncated: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+    """TinyZero's completion/*_correct_frac and correct_mean_length, given what counts as correct."""
+    record = {}
+    if truncated.any():
+        record["completion/truncated_correct_frac"] = float(correct[truncated].mean())
+    if (~truncated).any():
+        record["completion/finished_correct_frac"] = float(correct[~truncated].mean())
+    if correct.any():
+        record["completion/correct_mean_length"] = float(lengths[correct].mean())
+    return record
+
+
+def timing_per_token(timings_s: dict[str, float], response_tokens: int, total_tokens: int) -> dict[str, float]:
+    """timing_per_token_ms/*: generation per response token, the other phases per trained token."""
+    record = {}
+    for phase, seconds in timings_s.items():
+        per = response_tokens if phase == "gen" else total_tokens
+        record[f"timing_per_token_ms/{phase}"] = 1000.0 * seconds / max(per, 1)
+    return record
 
 
 def teacher_metrics(step_usage, total_usage) -> dict[str, float]:

@@ -1,29 +1,81 @@
-"""Optional Weights & Biases mirror. Set WANDB_MODE=offline to log without an account."""
+"""Weights & Biases mirror of every metric, plus the W&B guide's rubric table and final summary.
+
+It is on when WANDB_API_KEY is set or a W&B mode is chosen (`logging.wandb_mode`, or WANDB_MODE in
+the environment), unless `--no-wandb`; `logging.wandb: on|off` forces it. WANDB_MODE=offline logs
+to the run directory without an account. The API key is read by wandb from the environment only:
+it is never in the run config.
+"""
 
 from __future__ import annotations
 
+import html
+import os
 from pathlib import Path
+
+import numpy as np
 
 from mlx_grpo.config import Config, to_dict
 
+SUMMARY_COLUMNS = ["criterion", "mean", "std", "min", "max", "samples"]
+
+
+def wandb_enabled(cfg: Config) -> bool:
+    if cfg.logging.wandb != "auto":
+        return cfg.logging.wandb == "on"
+    return bool(os.environ.get("WANDB_API_KEY") or cfg.logging.wandb_mode or os.environ.get("WANDB_MODE"))
+
+
+def run_config(cfg: Config) -> dict:
+    """The fields of the W&B guide's run configuration that apply here, then the whole config."""
+    lora = cfg.lora.fine_tune_type == "lora"
+    return {
+        "model_id": cfg.model.path,
+        "num_steps": cfg.train.steps,
+        "learning_rate": cfg.optim.learning_rate,
+        "batch_size": cfg.rollout.batch_size * cfg.rollout.group_size // cfg.optim.grad_accum_steps,
+        "use_lora": lora,
+        "lora_rank": cfg.lora.rank if lora else None,
+        "lora_alpha": cfg.lora.alpha if lora else None,
+        "num_generations": cfg.rollout.group_size,
+        "beta": cfg.grpo.beta,
+        "epsilon": cfg.grpo.epsilon,
+        "temperature": cfg.rollout.temperature,
+        "max_generation_steps": cfg.rollout.max_new_tokens,
+        "weight_decay": cfg.optim.weight_decay,
+        "max_grad_norm": cfg.optim.max_grad_norm,
+        "warmup_fraction": cfg.optim.warmup_steps / max(1, cfg.train.steps),
+        "rubric_file": cfg.rubric,
+        "rubric_weight": 1.0,  # the rubric is the whole reward
+        "mlx_grpo": to_dict(cfg),
+    }
+
 
 class WandbSink:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, announce=print):
         import wandb  # imported lazily: it is slow to import and most runs don't use it
 
-        # The config holds no secrets: API keys are only ever read from the environment.
+        self.wandb = wandb
         self.run = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
-                              config=to_dict(cfg))
+                              config=run_config(cfg), mode=cfg.logging.wandb_mode or None)
+        where = self.run.url or f"offline, in {Path(self.run.dir).parent}"
+        announce(f"W&B initialized: {where}")
 
-    def log(self, step: int, record: dict[str, float]) -> None:
-        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+    def log(self, step: int, record: dict) -> None:
+        values = {}
+        for key, value in record.items():
+            if isinstance(value, np.ndarray):
+                values[key] = self.wandb.Histogram(value.tolist())
+            elif isinstance(value, (int, float)):
+                values[key] = value
+        self.run.log(values, step=step)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
-        import html
+        self.run.log({tag: self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
-        import wandb
-
-        self.run.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+    def log_summary(self, step: int, scalars: dict[str, float], rows: list[list]) -> None:
+        # Logged (not only put in the summary) so they mirror TensorBoard's final/* scalars.
+        table = self.wandb.Table(columns=SUMMARY_COLUMNS, data=rows)
+        self.run.log({**scalars, "rubric_criteria_summary": table}, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -1,0 +1,191 @@
+"""Metrics with memory across steps, computed once here so that no sink computes statistics:
+
+- speed percentiles (Performance/*_AvgTokensPerSec, _P50, _P99, _Min),
+- epoch averages and trends (Epoch/*),
+- per-criterion reward tags for the W&B guide (rewards/*, criteria/*), recent means and histograms,
+- pass@1 / pass@all per batch (batch_metrics.jsonl),
+- and the run's final per-criterion summary (final/*, rubric_criteria_summary).
+
+"P99" of a speed is the slow tail: the tokens/s that 99% of steps reached or beat (the 1st
+percentile of the per-step speeds). A mean hides stalls; this is the number that shows them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlx_grpo.metrics.record import correctness_metrics
+
+RECENT = 10  # samples in rewards/*_recent_mean, and the minimum before a histogram is logged
+
+
+def speed_stats(name: str, speeds: list[float]) -> dict[str, float]:
+    """Avg / P50 / P99 (slow tail, see module doc) / Min over every step's tokens/s so far."""
+    values = np.asarray(speeds, dtype=np.float64)
+    if values.size == 0:
+        return {}
+    return {
+        f"Performance/{name}_AvgTokensPerSec": float(values.mean()),
+        f"Performance/{name}_P50TokensPerSec": float(np.percentile(values, 50)),
+        f"Performance/{name}_P99TokensPerSec": float(np.percentile(values, 1)),
+        f"Performance/{name}_MinTokensPerSec": float(values.min()),
+    }
+
+
+def pass_rates(correct: np.ndarray, valid: np.ndarray, group_size: int) -> dict[str, float]:
+    """pass_at_1: mean over prompts of the fraction of correct completions; pass_at_all: fraction
+    of prompts with at least one correct completion. Masked completions are left out."""
+    at_1, at_all = [], []
+    for start in range(0, len(correct), group_size):
+        ok = correct[start:start + group_size][valid[start:start + group_size]]
+        if ok.size:
+            at_1.append(ok.mean())
+            at_all.append(ok.any())
+    if not at_1:
+        return {}
+    return {"pass_at_1": float(np.mean(at_1)), "pass_at_all": float(np.mean(at_all))}
+
+
+@dataclass
+class EpochStats:
+    """Accumulates one epoch (a pass over `prompts_per_epoch` prompts) and reports it when done."""
+
+    prompts_per_epoch: int
+    rewards: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    api_tokens: int = 0
+    samples: int = 0
+    prompts: int = 0
+    epoch: int = 0
+    previous: tuple[float, float] | None = None  # (avg reward, avg loss) of the last epoch
+
+    def add(self, rewards: np.ndarray, loss: float, api_tokens: int, num_prompts: int) -> dict[str, float] | None:
+        self.rewards.extend(rewards.tolist())
+        self.losses.append(loss)
+        self.api_tokens += api_tokens
+        self.samples += len(rewards)
+        self.prompts += num_prompts
+        return self.close() if self.prompts >= self.prompts_per_epoch else None
+
+    def close(self) -> dict[str, float] | None:
+        """The Epoch/* record of what has accumulated (also a partial epoch at the end of a run)."""
+        if not self.losses:
+            return None
+        rewards = np.asarray(self.rewards, dtype=np.float64)
+        avg_reward = float(rewards.mean()) if rewards.size else 0.0
+        avg_loss = float(np.mean(self.losses))
+        prev_reward, prev_loss = self.previous or (avg_reward, avg_loss)
+        record = {
+            "Epoch/AvgReward": avg_reward,
+            "Epoch/AvgLoss": avg_loss,
+            "Epoch/RewardVariance": float(rewards.var()) if rewards.size else 0.0,
+            "Epoch/RewardTrend": avg_reward - prev_reward,  # > 0: reward went up
+            "Epoch/LossTrend": prev_loss - avg_loss,  # > 0: loss went down (improving)
+            "Epoch/APITokens": float(self.api_tokens),
+            "Epoch/NumSamples": float(self.samples),
+        }
+        self.previous = (avg_reward, avg_loss)
+        self.epoch += 1
+        self.rewards, self.losses, self.api_tokens, self.samples = [], [], 0, 0
+        self.prompts = max(0, self.prompts - self.prompts_per_epoch)
+        return record
+
+
+class MetricsTracker:
+    """Turns each step's record and scores into the cross-step tags above."""
+
+    def __init__(self, *, rubric_name: str, group_size: int, prompts_per_epoch: int,
+                 histogram_every: int = 10, correct_criterion: str = "", correct_threshold: float = 1.0):
+        self.rubric_name = rubric_name
+        self.group_size = group_size
+        self.histogram_every = histogram_every
+        self.correct_criterion = correct_criterion
+        self.correct_threshold = correct_threshold
+        self.epochs = EpochStats(prompts_per_epoch)
+        self.speeds: dict[str, list[float]] = {"Generation": [], "Backprop": []}
+        self.recent: dict[str, deque] = {}
+        self.hist_buffer: dict[str, list[float]] = {}
+        self.all_scores: dict[str, list[float]] = {}  # for final/* and the summary table
+
+    def update(self, step: int, record: dict, scored, num_prompts: int, gen_speed: float,
+               backprop_speed: float | None, truncated: np.ndarray, lengths: np.ndarray) -> dict:
+        """Extra tags for this step. `record` holds the step's own metrics; `scored` is its RewardBatch;
+        the speeds are tokens/s (backprop None when the update was skipped); `truncated` and
+        `lengths` are per completion."""
+        extra: dict = {"train/step": float(step)}
+        for name, speed in (("Generation", gen_speed), ("Backprop", backprop_speed)):
+            if speed is not None:
+                self.speeds[name].append(speed)
+            extra.update(speed_stats(name, self.speeds[name]))
+
+        valid = scored.valid
+        columns = {name: column[valid] for name, column in scored.criterion_scores.items()}
+        columns = {name: column[~np.isnan(column)] for name, column in columns.items()}
+        rewards = scored.rewards[valid]
+        extra.update(self._reward_tags(step, columns, rewards))
+
+        correct = self._correct(scored)
+        extra.update(pass_rates(correct, valid, self.group_size))
+        extra.update(correctness_metrics(correct[valid], truncated[valid], lengths[valid]))
+
+        epoch = self.epochs.add(rewards, record.get("Train/Loss", 0.0), int(record.get("Teacher/APITokens", 0)),
+                                num_prompts)
+        if epoch:
+            extra.update(epoch)
+        return extra
+
+    def _reward_tags(self, step: int, columns: dict[str, np.ndarray], rewards: np.ndarray) -> dict:
+        tags: dict = {}
+        means = []
+        for name, values in [*columns.items(), ("rubric", rewards)]:
+            self.all_scores.setdefault(name, []).extend(values.tolist())
+            recent = self.recent.setdefault(name, deque(maxlen=RECENT))
+            recent.extend(values.tolist())
+            buffer = self.hist_buffer.setdefault(name, [])
+            buffer.extend(values.tolist())
+            if values.size:
+                tags[f"rewards/{name}_mean"] = float(values.mean())
+                tags[f"rewards/{name}_max"] = float(values.max())
+                tags[f"rewards/{name}_min"] = float(values.min())
+                if name != "rubric":
+                    means.append(float(values.mean()))
+                    tags[f"criteria/{self.rubric_name}/{name}_mean"] = float(values.mean())
+            if recent:
+                tags[f"rewards/{name}_recent_mean"] = float(np.mean(recent))
+            if step % self.histogram_every == 0 and len(buffer) >= RECENT:
+                tags[f"rewards/{name}_hist"] = np.asarray(buffer, dtype=np.float32)  # arrays become histograms
+                self.hist_buffer[name] = []
+        # As in the W&B guide: the sum of the reward functions' (criteria's) means.
+        tags["rewards/total_mean"] = float(sum(means))
+        return tags
+
+    def _correct(self, scored) -> np.ndarray:
+        if self.correct_criterion:
+            values = scored.criterion_scores.get(self.correct_criterion)
+            if values is None:  # the criterion was removed by a rubric edit: fall back to the reward
+                values = scored.rewards
+        else:
+            values = scored.rewards
+        return np.nan_to_num(values, nan=-math.inf) >= self.correct_threshold
+
+    def close_epoch(self) -> dict[str, float]:
+        """Epoch/* of the epoch in progress (at the end of a run), or {} if it just closed."""
+        return self.epochs.close() or {}
+
+    def finish(self) -> tuple[dict[str, float], list[list]]:
+        """(final/* scalars, rubric_criteria_summary rows [name, mean, std, min, max, samples])."""
+        final, rows = {}, []
+        for name, values in self.all_scores.items():
+            v = np.asarray(values, dtype=np.float64)
+            if not v.size:
+                continue
+            stats = (float(v.mean()), float(v.std()), float(v.min()), float(v.max()), int(v.size))
+            final.update({f"final/{name}_mean": stats[0], f"final/{name}_std": stats[1],
+                          f"final/{name}_min": stats[2], f"final/{name}_max": stats[3],
+                          f"final/{name}_total_samples": float(stats[4])})
+            rows.append([name if name == "rubric" else f"{self.rubric_name}/{name}", *stats])
+        return final, rows
