@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         if value is not None:
             overrides[dotted] = value if dotted != "data.dataset" else str(value)
     if args.no_wandb:
-        overrides["logging.wandb"] = False
+        overrides["logging.wandb"] = "off"
     return args, overrides
 
 
@@ -112,11 +112,13 @@ def start_scorer(cfg: Config, rubric, run_dir: Path, console, notify):
 
 
 def run_training(cfg: Config, console) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
     from mlx_grpo.metrics import MetricsHub
     from mlx_grpo.metrics.files import JsonlSink, LearningLogSink
+    from mlx_grpo.metrics.system import describe_backend
     from mlx_grpo.metrics.tensorboard import TensorBoardSink
+    from mlx_grpo.metrics.wandb_sink import wandb_enabled
     from mlx_grpo.models import load_model
     from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable, describe_rubric
     from mlx_grpo.trainer import train
@@ -142,30 +144,27 @@ def run_training(cfg: Config, console) -> int:
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
                                                             sort_keys=False))
-        sinks = [TensorBoardSink(tb_dir), JsonlSink(run_dir / "metrics.jsonl"), LearningLogSink(run_dir / "learning.log")]
-        if cfg.logging.wandb:
+        sinks = [TensorBoardSink(tb_dir), JsonlSink(run_dir / "metrics.jsonl"), LearningLogSink(run_dir / "learning.log"),
+                 JsonlSink(run_dir / "batch_metrics.jsonl", keys=("pass_at_1", "pass_at_all"))]
+        if wandb_enabled(cfg):
             from mlx_grpo.metrics.wandb_sink import WandbSink
-            sinks.append(WandbSink(cfg, run_dir))
+            sinks.append(WandbSink(cfg, run_dir, announce=lambda text: console.print(text, soft_wrap=True)))
         hub = MetricsHub(sinks)
         hub.log_text(0, "Rubric/changes", describe_rubric(rubric))
+        hub.log_text(0, "System/backend", describe_backend())
+        console.print(describe_backend(), soft_wrap=True)
         console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
 
-        columns = [TextColumn("step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
-                   TextColumn("reward {task.fields[reward]}"), TextColumn("gen {task.fields[gen]} tok/s"),
-                   TextColumn("train {task.fields[train]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn()]
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task("train", total=cfg.train.steps, reward="-", gen="-", train="-")
+        with Progress(*progress_columns(), console=console) as bar:
+            task = bar.add_task("train", total=cfg.train.steps, **progress_fields({}))
 
             def on_step(step, record):
-                bar.update(task, completed=step, reward=f"{record['Train/AvgReward']:.3f}",
-                           gen=f"{record['Performance/Generation_TokensPerSec']:.0f}",
-                           train=f"{record.get('Performance/Backprop_TokensPerSec', 0):.0f}")
-                if not console.is_terminal:
-                    teacher = (f" teacher {record['Teacher/Requests']:.0f} req {record['Teacher/APITokens']:.0f} tok"
-                               if "Teacher/Requests" in record else "")
-                    console.print(f"step {step}/{cfg.train.steps} reward {record['Train/AvgReward']:.3f} "
-                                  f"loss {record['Train/Loss']:+.4f} {record['timing_s/step']:.1f}s{teacher}")
+                bar.update(task, completed=step, **progress_fields(record))
+                if not console.is_terminal:  # a log file or CI: one plain line per step instead
+                    fields = progress_fields(record)
+                    console.print(f"step {step}/{cfg.train.steps} epoch {fields['epoch']} reward {fields['reward']} "
+                                  f"kl {fields['kl']} gen {fields['gen']} tok/s train {fields['train']} tok/s "
+                                  f"teacher {fields['teacher']} tok {record['timing_s/step']:.1f}s", markup=False)
 
             try:
                 state = train(cfg, run_dir, items, scorer, model, tokenizer, hub, progress=on_step,
@@ -187,6 +186,8 @@ def run_training(cfg: Config, console) -> int:
         cost = f", ${usage.cost_usd:.4f}" if usage.cost_usd else ""
         console.print(f"Teacher: {usage.requests} requests, {usage.tokens:,} tokens{cost}, {usage.cache_hits} cache "
                       f"hits, {usage.failed} completions masked.", soft_wrap=True)
+    if state.summary:
+        console.print(summary_table(state.summary))
     console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
                   f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}",
                   soft_wrap=True)
@@ -210,6 +211,39 @@ def train_main(argv: list[str] | None = None) -> int:
         return run_training(cfg, console)
 
     return with_one_line_errors(run, debug="--debug" in argv)
+
+
+def progress_columns():
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return [TextColumn("step {task.completed:.0f}/{task.total:.0f} ep {task.fields[epoch]}"), BarColumn(),
+            TextColumn("reward {task.fields[reward]}"), TextColumn("kl {task.fields[kl]}"),
+            TextColumn("gen {task.fields[gen]} tok/s"), TextColumn("train {task.fields[train]} tok/s"),
+            TextColumn("teacher {task.fields[teacher]} tok"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn()]
+
+
+def progress_fields(record: dict) -> dict[str, str]:
+    """The progress bar's fields from a step record ("-" until there is one)."""
+    def fmt(key, spec):
+        return format(record[key], spec) if key in record else "-"
+
+    ms = record.get("timing_per_token_ms/gen")
+    reward = f"{fmt('Train/AvgReward', '.3f')}±{fmt('Train/RewardStd', '.3f')}" if record else "-"
+    return {"epoch": fmt("epoch", ".2f"), "reward": reward, "kl": fmt("actor/kl_loss", ".4f"),
+            "gen": f"{1000 / ms:.0f}" if ms else "-", "train": fmt("Performance/Backprop_AvgTokensPerSec", ".0f"),
+            "teacher": fmt("Teacher/APITokensTotal", ",.0f")}
+
+
+def summary_table(rows: list[list]):
+    from rich.table import Table
+
+    table = Table(title="Scores over the run")
+    for column in ("criterion", "mean", "std", "min", "max", "samples"):
+        table.add_column(column, justify="left" if column == "criterion" else "right")
+    for name, mean, std, lo, hi, n in rows:
+        table.add_row(name, f"{mean:.3f}", f"{std:.3f}", f"{lo:.3f}", f"{hi:.3f}", str(n))
+    return table
 
 
 def with_one_line_errors(run, debug: bool) -> int:

@@ -52,6 +52,7 @@ class DataConfig:
     max_operand: int = opt(20, "Arithmetic task difficulty: largest number in a problem.")
     system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
     on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
+    epoch_size: int = opt(0, "Prompts per epoch for the Epoch/* metrics; 0 = one pass over the training prompts.")
 
 
 @dataclass
@@ -98,9 +99,20 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = opt(False, "Mirror metrics to Weights & Biases.")
+    wandb: str = opt("auto", "Mirror metrics to Weights & Biases: auto = when WANDB_API_KEY (or a W&B mode) is set; "
+                             "on; off (also --no-wandb). true/false mean on/off.", ("auto", "on", "off"))
+    wandb_mode: str = opt("", "W&B mode: online, offline (no account needed) or disabled; empty = W&B's default "
+                              "(WANDB_MODE).", ("", "online", "offline", "disabled"))
     wandb_project: str = opt("mlx-grpo", "W&B project name.")
-    sample_every: int = opt(5, "Write sample completions to completions.jsonl every N steps (0 = never).")
+    sample_every: int = opt(5, "Write sample completions to completions.jsonl, and a few to a TensorBoard text "
+                               "event, every N steps (0 = never).")
+    performance_every: int = opt(10, "Log Performance/Generation_TokensPerSec and _Time every N batches "
+                                     "(the running averages and percentiles are logged every step).")
+    histogram_every: int = opt(10, "Log reward histograms every N steps (once at least 10 samples exist).")
+    correct_criterion: str = opt("", "Criterion whose score decides 'correct' for pass_at_1 / pass_at_all "
+                                     "(batch_metrics.jsonl); empty = the total reward.")
+    correct_threshold: float = opt(1.0, "A completion is correct when that score is >= this.")
+    system_interval_s: float = opt(1.0, "Seconds between System/* samples (taken in a background thread).")
 
 
 @dataclass
@@ -161,6 +173,8 @@ def _apply(cfg: Config, dotted: str, value: Any, source: str) -> None:
         hint = f" (valid: {', '.join(siblings)})" if siblings else ""
         raise UserInputError(f"{source}: unknown key '{dotted}'{hint}")
     f, kind = leaves[dotted]
+    if f.metadata.get("choices") == ("auto", "on", "off") and isinstance(value, bool):
+        value = "on" if value else "off"  # `wandb: false` reads naturally in YAML
     value = _coerce(value, kind, f"{source}: {dotted}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
@@ -246,6 +260,10 @@ def validate(cfg: Config) -> None:
     require(cfg.data.max_ops >= 1, "data.max_ops", "must be at least 1")
     require(cfg.data.max_operand >= 2, "data.max_operand", "must be at least 2")
     require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
+    require(cfg.logging.performance_every >= 1, "logging.performance_every", "must be at least 1")
+    require(cfg.logging.histogram_every >= 1, "logging.histogram_every", "must be at least 1")
+    require(cfg.logging.system_interval_s > 0, "logging.system_interval_s", "must be positive")
+    require(cfg.data.epoch_size >= 0, "data.epoch_size", "must be >= 0")
     require(bool(cfg.rubric), "rubric", "must name a rubric YAML file")
     require(not cfg.train.run_name or "/" not in cfg.train.run_name and cfg.train.run_name not in (".", ".."),
             "train.run_name", "must be a plain directory name")

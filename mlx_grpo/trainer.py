@@ -5,6 +5,7 @@ Read `train` top to bottom; every other function here is a small piece it calls.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -21,13 +22,22 @@ from mlx_grpo import grpo
 from mlx_grpo.config import Config
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.metrics import MetricsHub
-from mlx_grpo.metrics.record import criterion_metrics, length_metrics, reward_metrics, teacher_metrics
+from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
+from mlx_grpo.metrics.record import (criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
+                                     timing_per_token)
+from mlx_grpo.metrics.system import SystemSampler
+from mlx_grpo.metrics.tracker import MetricsTracker
 from mlx_grpo.models import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
 from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
 
 
-NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+# What a skipped update reports: no loss, no movement, ratios of exactly 1 (and no entropy measured).
+NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ppo_kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0,
+                   "ratio_mean": 1.0, "ratio_std": 0.0, "ratio_p95": 1.0, "log_ratio_mean": 0.0,
+                   "log_ratio_std": 0.0, "outside_clip_frac": 0.0}
+# reward_breakdown.jsonl: one compact line per completion, every step.
+BREAKDOWN_KEYS = ("step", "prompt_id", "completion", "reward", "valid", "scores")
 
 
 @dataclass
@@ -35,6 +45,7 @@ class TrainState:
     step: int = 0
     rewards: list[float] = field(default_factory=list)  # mean reward per step, for the summary
     stop_reason: str | None = None  # set when training ended before cfg.train.steps (e.g. budget spent)
+    summary: list[list] = field(default_factory=list)  # per-criterion [name, mean, std, min, max, samples]
 
 
 def seed_everything(seed: int) -> None:
@@ -84,13 +95,17 @@ def make_loss_fn(cfg: Config):
     g = cfg.grpo
 
     def loss_fn(model, batch: TrainBatch, advantages, old_logprobs, ref_logprobs):
-        logprobs = batch_logprobs(model, batch, g.logprob_chunk_size)
+        # The entropy comes almost free from the logits this pass computes anyway.
+        logprobs, entropy = grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
+                                                     chunk_size=g.logprob_chunk_size, return_entropy=True)
         # With one pass (mu = 1) the sampling policy is the current one: ratio == 1, but its
         # gradient is the policy gradient, so the old log-probs are the detached current ones.
         old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
-        return grpo.grpo_loss(logprobs, old, advantages, batch.mask, ref_logprobs=ref_logprobs,
-                              beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
-                              loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens)
+        loss, stats = grpo.grpo_loss(logprobs, old, advantages, batch.mask, ref_logprobs=ref_logprobs,
+                                     beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+                                     loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens)
+        stats["entropy"] = grpo.masked_mean(mx.stop_gradient(entropy), batch.mask)
+        return loss, stats
 
     return loss_fn
 
@@ -158,6 +173,13 @@ def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub
         notify(f"rubric reloaded at step {step}: {rubric.path} (version {rubric.version})")
 
 
+def prompt_id(sample: dict) -> str:
+    """The dataset's id for the prompt, else a short stable hash of its text."""
+    if sample.get("id") is not None:
+        return str(sample["id"])
+    return hashlib.sha1(sample["prompt"].encode("utf-8")).hexdigest()[:10]
+
+
 def completion_rows(step: int, samples: list[dict], texts: list[str], scored) -> list[dict]:
     """completions.jsonl rows: the text, its reward (null when masked), each criterion's score and
     the teacher's justification, so a surprising reward can be traced to its reason."""
@@ -168,7 +190,7 @@ def completion_rows(step: int, samples: list[dict], texts: list[str], scored) ->
         reasons = {name: why[i] for name, why in scored.justifications.items() if why[i]}
         # What the rubric's checks read from the sample, so `rubric score --jsonl` can rescore the file.
         inputs = {k: sample[k] for k in ("answer", "tests", "entry_point") if sample.get(k) is not None}
-        rows.append({"step": step, "prompt": sample["prompt"], **inputs,
+        rows.append({"step": step, "prompt_id": prompt_id(sample), "prompt": sample["prompt"], **inputs,
                      "completion": text, "reward": float(scored.rewards[i]) if scored.valid[i] else None,
                      "valid": bool(scored.valid[i]), "scores": scores,
                      **({"justifications": reasons} if reasons else {})})
@@ -194,7 +216,15 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     B, G = cfg.rollout.batch_size, cfg.rollout.group_size
     system = cfg.data.system_prompt or None
     state = TrainState()
+    tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G,
+                             prompts_per_epoch=cfg.data.epoch_size or len(items),
+                             histogram_every=cfg.logging.histogram_every,
+                             correct_criterion=cfg.logging.correct_criterion,
+                             correct_threshold=cfg.logging.correct_threshold)
+    health = HealthMonitor(HealthConfig(zero_std_window=5, warmup_steps=cfg.optim.warmup_steps))
+    system_stats = SystemSampler(cfg.logging.system_interval_s).start()
     completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
+    breakdown_log = open(run_dir / "reward_breakdown.jsonl", "a", encoding="utf-8")
     start_time = time.perf_counter()
 
     try:
@@ -230,70 +260,142 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
+            adv_start = time.perf_counter()
             advantages = grpo.group_advantages(mx.array(scored.rewards), G, scale=cfg.grpo.scale_rewards,
                                                valid=mx.array(scored.valid))
             if not scored.valid.all():
                 batch = batch.keep_rows(scored.valid)
+            has_signal = (cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item()
+            adv_time = time.perf_counter() - adv_start
 
             # 5. Update: clipped surrogate against the sampling policy, optional KL to the base model.
             # A batch where every group scored alike carries no signal; stepping AdamW on its zero
             # gradient would still move the weights along stale momentum, so skip it.
             update_start = time.perf_counter()
-            has_signal = (cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item()
             stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, old_logprobs,
                                   ref_logprobs) if has_signal else dict(NO_UPDATE_STATS)
             update_time = time.perf_counter() - update_start
 
-            # 6. Log one record and save adapters.
+            save_time = 0.0
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                save_start = time.perf_counter()
+                save_adapters(model, run_dir, adapter_config)
+                save_time = time.perf_counter() - save_start
+
+            # 6. Log one record.
             state.step = step
-            lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
             step_time = time.perf_counter() - step_start
+            timings = {"gen": rollout.generation_time_s, "ref": ref_time, "adv": adv_time,
+                       "reward": (scored_at[0] if scored_at else wait_start + reward_wait) - score_start,
+                       "update_actor": update_time, "save_checkpoint": save_time}
+            backprop_speed = batch.num_tokens * cfg.grpo.num_iterations / update_time if has_signal else None
+            record = step_record(cfg, step, stats, scored, scorer, rollout, prompts, advantages, optimizer)
+            record.update(timing_records(timings, reward_wait, step_time, rollout, batch.num_tokens))
+            record["time/elapsed_s"] = time.perf_counter() - start_time
+            record["epoch"] = sampler.epoch + sampler.cursor / len(items)
             usage = scorer.usage
-            record = {
-                "Train/Loss": stats["loss"],
-                "Train/PolicyLoss": stats["policy_loss"],
-                "Train/KLPenalty": stats["kl"],
-                **reward_metrics(scored.rewards, scored.valid, G),
-                **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
-                **length_metrics([len(c) for c in rollout.completion_tokens], [len(p) for p in prompts],
-                                 rollout.finish_reasons, cfg.rollout.max_new_tokens),
-                "Performance/Generation_TokensPerSec": rollout.tokens_per_sec,
-                "Performance/Generation_Time": rollout.generation_time_s,
-                "actor/update_skipped": float(not has_signal),
-                "actor/grad_norm": stats["grad_norm"],
-                "actor/lr": float(lr),
-                "actor/pg_clipfrac": stats["clip_frac"],
-                "actor/ppo_kl": stats["kl"],
-                "timing_s/gen": rollout.generation_time_s,
-                "timing_s/ref": ref_time,
-                "timing_s/reward": (scored_at[0] if scored_at else wait_start + reward_wait) - score_start,
-                "timing_s/reward_wait": reward_wait,  # the part of scoring nothing else overlapped
-                "timing_s/update_actor": update_time,
-                "timing_s/step": step_time,
-                "time/elapsed_s": time.perf_counter() - start_time,
-                "epoch": step * B / len(items),
-            }
             if scorer.teacher is not None or usage.requests:
                 record.update(teacher_metrics(usage.since(usage_before), usage))
-            if has_signal:  # a skipped update measured no backprop speed
-                record["Performance/Backprop_TokensPerSec"] = batch.num_tokens * cfg.grpo.num_iterations / update_time
+            if step % cfg.logging.performance_every == 0 or step == 1:  # "every N batches", as in the seed
+                record["Performance/Generation_TokensPerSec"] = rollout.tokens_per_sec
+                record["Performance/Generation_Time"] = rollout.generation_time_s
+            if backprop_speed is not None:  # a skipped update measured no backprop speed
+                record["Performance/Backprop_TokensPerSec"] = backprop_speed
+            record.update(tracker.update(step, record, scored, B, rollout.tokens_per_sec, backprop_speed,
+                                         np.array(rollout.truncated), np.array([len(c) for c in rollout.completion_tokens])))
+            busy = rollout.generation_time_s + ref_time + update_time  # seconds MLX computed this step
+            record.update(system_stats.snapshot(busy_s=busy, wall_s=step_time))
+            health_scalars, warnings = health.update(step, record)
+            record.update(health_scalars)
+            spent = scorer.budget_exhausted()
+            if step == cfg.train.steps or spent is not None:
+                record.update(tracker.close_epoch())  # the last, partial epoch: short runs get Epoch/* too
             hub.log(step, record)
+            for warning in warnings:
+                notify(f"health: {warning}")
+                hub.log_text(step, "health/warnings", warning)
+
             state.rewards.append(record["Train/AvgReward"])
+            rows = completion_rows(step, group_samples, texts, scored)
+            for row in rows:
+                breakdown_log.write(json.dumps({k: row[k] for k in BREAKDOWN_KEYS if k in row}) + "\n")
+            breakdown_log.flush()
             if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1):
-                for row in completion_rows(step, group_samples, texts, scored):
+                for row in rows:
                     completions_log.write(json.dumps(row) + "\n")
                 completions_log.flush()
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                save_adapters(model, run_dir, adapter_config)
+                hub.log_text(step, "Samples/completions", samples_markdown(rows[:G]))
             if progress is not None:
                 progress(step, record)
-            if (spent := scorer.budget_exhausted()) is not None:
+            if spent is not None:
                 state.stop_reason = f"{spent}; stopped after step {step}"
                 notify(state.stop_reason)
                 break
     finally:
         # Whatever ends the loop (done, budget, teacher down, Ctrl-C), the trained weights are kept.
+        system_stats.stop()
         if state.step > 0:
             save_adapters(model, run_dir, adapter_config)
+            final, table = tracker.finish()
+            hub.log_summary(state.step, final, table)
+            (run_dir / "summary.json").write_text(json.dumps({"step": state.step, **final, "criteria": [
+                dict(zip(("criterion", "mean", "std", "min", "max", "samples"), row)) for row in table]}, indent=1))
+            state.summary = table
         completions_log.close()
+        breakdown_log.close()
     return state
+
+
+def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, rollout, prompts, advantages,
+                optimizer) -> dict:
+    """The step's own metrics (everything that needs no history), named as in the seed references."""
+    G = cfg.rollout.group_size
+    lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
+    adv = np.array(advantages)[scored.valid] if scored.valid.any() else np.zeros(1)
+    record = {
+        "Train/Loss": stats["loss"],
+        "Train/PolicyLoss": stats["policy_loss"],
+        "Train/KLPenalty": cfg.grpo.beta * stats["kl"],
+        **reward_metrics(scored.rewards, scored.valid, G),
+        **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
+        **length_metrics([len(c) for c in rollout.completion_tokens], [len(p) for p in prompts],
+                         rollout.finish_reasons, cfg.rollout.max_new_tokens),
+        "actor/update_skipped": float("entropy" not in stats),
+        "actor/pg_loss": stats["policy_loss"],
+        "actor/grad_norm": stats["grad_norm"],
+        "actor/lr": float(lr),
+        "actor/pg_clipfrac": stats["clip_frac"],
+        "actor/ppo_kl": stats["ppo_kl"],
+        "actor/kl_loss": stats["kl"],
+        "actor/kl_coef": cfg.grpo.beta,
+        "actor/is_ratio/mean": stats["ratio_mean"],
+        "actor/is_ratio/std": stats["ratio_std"],
+        "actor/is_ratio/p95": stats["ratio_p95"],
+        "actor/is_log_ratio/mean": stats["log_ratio_mean"],
+        "actor/is_log_ratio/std": stats["log_ratio_std"],
+        "actor/is_clip/outside_frac": stats["outside_clip_frac"],
+        "critic/advantages/mean": float(adv.mean()),
+        "critic/advantages/max": float(adv.max()),
+        "critic/advantages/min": float(adv.min()),
+    }
+    if "entropy" in stats:  # measured by the update's forward pass; a skipped update has none
+        record["actor/entropy_loss"] = stats["entropy"]
+    return record
+
+
+def timing_records(timings: dict[str, float], reward_wait: float, step_time: float, rollout, num_tokens: int) -> dict:
+    record = {f"timing_s/{phase}": seconds for phase, seconds in timings.items()}
+    record["timing_s/reward_wait"] = reward_wait  # the part of scoring nothing else overlapped
+    record["timing_s/step"] = step_time
+    record.update(timing_per_token(timings, rollout.num_generated_tokens, num_tokens))
+    return record
+
+
+def samples_markdown(rows: list[dict]) -> str:
+    """A few completions of one prompt with their scores, for TensorBoard's Text tab."""
+    parts = [f"**Prompt** ({rows[0]['prompt_id']}): {rows[0]['prompt']}"]
+    for i, row in enumerate(rows, start=1):
+        reward = "masked" if row["reward"] is None else f"{row['reward']:.3f}"
+        scores = ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in row["scores"].items())
+        parts.append(f"**{i}.** reward {reward} ({scores})\n\n```\n{row['completion']}\n```")
+    return "\n\n".join(parts)

@@ -33,7 +33,7 @@ def test_yaml_then_overrides(tmp_path):
     ("grpo:\n  betta: 0.1\n", "unknown key 'grpo.betta' (valid: grpo.beta"),
     ("nonsense: 1\n", "unknown key 'nonsense'"),
     ("train:\n  steps: many\n", "train.steps: expected int, got 'many'"),
-    ("logging:\n  wandb: maybe\n", "logging.wandb: expected true or false"),
+    ("logging:\n  wandb: maybe\n", "logging.wandb must be one of auto, on, off"),
     ("rollout:\n  group_size: 1\n", "rollout.group_size must be at least 2"),
     ("grpo:\n  loss_type: ppo\n", "grpo.loss_type must be one of grpo, bnpo, dapo, dr_grpo"),
     ("rollout:\n  top_p: 0\n", "rollout.top_p must be in (0, 1]"),
@@ -59,7 +59,7 @@ def test_shorthands_map_to_fields():
     args, overrides = parse_args(["--model", "x/y", "--data", "d.jsonl", "--run-name", "r", "--no-wandb",
                                   "--grpo.beta", "0.04", "--lora.target_modules", "[q_proj, v_proj]"])
     assert overrides == {"model.path": "x/y", "data.dataset": "d.jsonl", "train.run_name": "r",
-                         "logging.wandb": False, "grpo.beta": 0.04, "lora.target_modules": ["q_proj", "v_proj"]}
+                         "logging.wandb": "off", "grpo.beta": 0.04, "lora.target_modules": ["q_proj", "v_proj"]}
 
 
 @pytest.mark.parametrize("argv, fragment", [
