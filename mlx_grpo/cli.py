@@ -164,11 +164,14 @@ def run_training(cfg: Config, console) -> int:
                     fields = progress_fields(record)
                     console.print(f"step {step}/{cfg.train.steps} epoch {fields['epoch']} reward {fields['reward']} "
                                   f"kl {fields['kl']} gen {fields['gen']} tok/s train {fields['train']} tok/s "
-                                  f"teacher {fields['teacher']} tok {record['timing_s/step']:.1f}s", markup=False)
+                                  f"teacher {fields['teacher']} tok {record['timing_s/step']:.1f}s", markup=False,
+                                  soft_wrap=True)
 
             try:
+                # The trainer writes its own notices (rubric reloads, health) to the logs: console only here.
                 state = train(cfg, run_dir, items, scorer, model, tokenizer, hub, progress=on_step,
-                              watcher=RubricWatcher(rubric), notify=notify)
+                              watcher=RubricWatcher(rubric),
+                              notify=lambda text: console.print(text, soft_wrap=True, markup=False))
             except TeacherUnavailable as err:
                 # Adapters of the completed steps are saved by train(); say where and stop.
                 print(f"error: teacher: {err}. Adapters so far: {run_dir / 'adapters.safetensors'}", file=sys.stderr)

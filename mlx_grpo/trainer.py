@@ -166,6 +166,7 @@ def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub
     rubric, warning = watcher.poll()
     if warning:
         notify(f"warning: {warning}")
+        hub.log_text(step, "Notices", f"warning: {warning}")
     if rubric is not None:
         scorer.set_rubric(rubric)
         summary = describe_rubric(rubric)
@@ -216,12 +217,13 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     B, G = cfg.rollout.batch_size, cfg.rollout.group_size
     system = cfg.data.system_prompt or None
     state = TrainState()
-    tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G,
-                             prompts_per_epoch=cfg.data.epoch_size or len(items),
+    prompts_per_epoch = cfg.data.epoch_size or len(items)
+    tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G, prompts_per_epoch=prompts_per_epoch,
                              histogram_every=cfg.logging.histogram_every,
                              correct_criterion=cfg.logging.correct_criterion,
                              correct_threshold=cfg.logging.correct_threshold)
-    health = HealthMonitor(HealthConfig(zero_std_window=5, warmup_steps=cfg.optim.warmup_steps))
+    # Judged over several steps: with one prompt per step a single step says little.
+    health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10, warmup_steps=cfg.optim.warmup_steps))
     system_stats = SystemSampler(cfg.logging.system_interval_s).start()
     completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
     breakdown_log = open(run_dir / "reward_breakdown.jsonl", "a", encoding="utf-8")
@@ -292,7 +294,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             record = step_record(cfg, step, stats, scored, scorer, rollout, prompts, advantages, optimizer)
             record.update(timing_records(timings, reward_wait, step_time, rollout, batch.num_tokens))
             record["time/elapsed_s"] = time.perf_counter() - start_time
-            record["epoch"] = sampler.epoch + sampler.cursor / len(items)
+            record["epoch"] = step * B / prompts_per_epoch  # the same epochs as Epoch/*
             usage = scorer.usage
             if scorer.teacher is not None or usage.requests:
                 record.update(teacher_metrics(usage.since(usage_before), usage))
@@ -330,6 +332,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             if spent is not None:
                 state.stop_reason = f"{spent}; stopped after step {step}"
                 notify(state.stop_reason)
+                hub.log_text(step, "Notices", state.stop_reason)
                 break
     finally:
         # Whatever ends the loop (done, budget, teacher down, Ctrl-C), the trained weights are kept.

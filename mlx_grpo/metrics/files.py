@@ -60,6 +60,8 @@ class LearningLogSink:
         self.file.flush()
 
     def log_text(self, step: int, tag: str, text: str) -> None:
+        if tag.startswith("Samples/"):
+            return  # sample completions are in completions.jsonl; here they would drown the metrics
         self.file.write(f"[step {step}] {tag}: {' '.join(text.split())}\n")
         self.file.flush()
 
