@@ -297,7 +297,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             record["epoch"] = step * B / prompts_per_epoch  # the same epochs as Epoch/*
             usage = scorer.usage
             if scorer.teacher is not None or usage.requests:
-                record.update(teacher_metrics(usage.since(usage_before), usage))
+                record.update(teacher_metrics(usage.since(usage_before), usage, scorer.latencies))
             if step % cfg.logging.performance_every == 0 or step == 1:  # "every N batches", as in the seed
                 record["Performance/Generation_TokensPerSec"] = rollout.tokens_per_sec
                 record["Performance/Generation_Time"] = rollout.generation_time_s

@@ -381,3 +381,19 @@ def test_rubric_watcher_applies_valid_edits_and_keeps_old_on_typos(tmp_path, ser
     assert new2 is None and "rubric edit ignored" in warning and "wieght" in warning
     assert watcher.rubric is new  # the last valid rubric stays in force
     assert watcher.poll() == (None, None)  # the same bad file is reported once
+
+
+def test_teacher_rates_and_latency_percentiles():
+    from mlx_grpo.metrics.record import teacher_metrics
+    from mlx_grpo.rewards.teacher import TeacherUsage
+
+    total = TeacherUsage(requests=10, prompt_tokens=900, completion_tokens=100, invalid_replies=2, scored=30,
+                         cache_hits=10, failed=10, cost_usd=0.5)
+    step = TeacherUsage(requests=2, prompt_tokens=90, completion_tokens=10)
+    record = teacher_metrics(step, total, [float(i) for i in range(1, 21)])
+    assert record["Scoring/Teacher_FailureRate"] == 0.25  # 10 failed of 40 judged
+    assert record["Scoring/Teacher_ParseErrorRate"] == 0.2  # 2 invalid replies of 10 requests
+    assert record["Scoring/Teacher_CacheHitRate"] == 0.2  # 10 of 50 looked up
+    assert record["Scoring/Teacher_LatencyP50_s"] == 10.5 and record["Scoring/Teacher_LatencyP95_s"] == pytest.approx(19.05)
+    assert record["Scoring/Teacher_Tokens"] == 1000 and record["Teacher/APITokens"] == 100
+    assert "Scoring/Teacher_LatencyP50_s" not in teacher_metrics(step, TeacherUsage(), [])

@@ -110,8 +110,12 @@ def test_code_teacher_config_trains_and_stops_at_the_budget(tmp_path, monkeypatc
     for step_rows, event in zip([rows[:4], rows[4:]], tags["Scoring/CodeQuality_score"]):
         assert event.value == pytest.approx(np.mean([length_grade(r["completion"]) / 10 for r in step_rows]), abs=1e-4)
     for tag in ["Scoring/Correctness_score", "Scoring/Efficiency_score", "Teacher/Requests", "Teacher/APITokens",
-                "Teacher/CacheHits", "Teacher/Failed", "Train/MaskedFrac"]:
+                "Teacher/CacheHits", "Teacher/Failed", "Train/MaskedFrac", "Scoring/Teacher_LatencyP50_s",
+                "Scoring/Teacher_LatencyP95_s", "Scoring/Teacher_FailureRate", "Scoring/Teacher_ParseErrorRate",
+                "Scoring/Teacher_CacheHitRate", "Scoring/Teacher_Tokens", "Scoring/Teacher_CostUSD"]:
         assert [e.step for e in tags[tag]] == [1, 2], tag
+    assert 0 < tags["Scoring/Teacher_LatencyP50_s"][0].value <= tags["Scoring/Teacher_LatencyP95_s"][0].value < 5
+    assert tags["Scoring/Teacher_FailureRate"][-1].value == 0.0 and tags["Scoring/Teacher_Tokens"][-1].value == 600
     assert (run_dir / "teacher_cache.sqlite").is_file()
 
 

@@ -82,9 +82,22 @@ def timing_per_token(timings_s: dict[str, float], response_tokens: int, total_to
     return record
 
 
-def teacher_metrics(step_usage, total_usage) -> dict[str, float]:
-    """Teacher traffic this step (requests, tokens, cache hits, failures) and running totals."""
-    return {
+def teacher_metrics(step_usage, total_usage, latencies: list[float]) -> dict[str, float]:
+    """Teacher traffic this step (requests, tokens, cache hits, failures), running totals, and the
+    run's rates and latency percentiles under Scoring/ (latencies: seconds per answered request)."""
+    judged = total_usage.scored + total_usage.failed  # completions that needed the teacher
+    looked_up = judged + total_usage.cache_hits
+    record = {
+        "Scoring/Teacher_FailureRate": total_usage.failed / judged if judged else 0.0,
+        "Scoring/Teacher_ParseErrorRate": total_usage.invalid_replies / total_usage.requests if total_usage.requests else 0.0,
+        "Scoring/Teacher_CacheHitRate": total_usage.cache_hits / looked_up if looked_up else 0.0,
+        "Scoring/Teacher_Tokens": total_usage.tokens,
+        "Scoring/Teacher_CostUSD": total_usage.cost_usd,
+    }
+    if latencies:
+        record["Scoring/Teacher_LatencyP50_s"] = float(np.percentile(latencies, 50))
+        record["Scoring/Teacher_LatencyP95_s"] = float(np.percentile(latencies, 95))
+    return record | {
         "Teacher/Requests": step_usage.requests,
         "Teacher/PromptTokens": step_usage.prompt_tokens,
         "Teacher/CompletionTokens": step_usage.completion_tokens,

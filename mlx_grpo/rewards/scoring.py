@@ -97,6 +97,7 @@ class Scorer:
         self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1),
                                         thread_name_prefix="mlx-grpo-check")
         self._usage_before = TeacherUsage()  # usage of teachers replaced by a rubric reload
+        self._latencies_before: list[float] = []
         self._recent: deque[bool] = deque()  # True where a judged completion failed
         self.teacher: Teacher | None = None
         self.rubric = rubric
@@ -118,6 +119,7 @@ class Scorer:
             old.rubric_version = rubric.version
         if old is not None and old is not self.teacher:
             self._usage_before = self._add(self._usage_before, old.usage)
+            self._latencies_before += old.latencies
             self._run(old.close())
         if self.teacher is not None:
             self._recent = deque(self._recent, maxlen=self.teacher.cfg.failure_window)
@@ -182,6 +184,11 @@ class Scorer:
         """Teacher usage over the whole run (across rubric reloads)."""
         current = self.teacher.usage if self.teacher is not None else TeacherUsage()
         return self._add(self._usage_before, current)
+
+    @property
+    def latencies(self) -> list[float]:
+        """Seconds per answered teacher request over the whole run."""
+        return self._latencies_before + (self.teacher.latencies if self.teacher is not None else [])
 
     def check_failures(self) -> None:
         """Raise TeacherUnavailable when the recent failure rate passes the rubric's threshold."""

@@ -125,6 +125,7 @@ class Teacher:
         self.warn = warn
         self._key = api_key(cfg)
         self.usage = TeacherUsage()
+        self.latencies: list[float] = []  # seconds per answered request, for Scoring/Teacher_Latency*
         self.last_error = ""
         self.response_format = "json_schema" if cfg.response_format == "auto" else cfg.response_format
         self._warned: set[str] = set()
@@ -262,11 +263,13 @@ class Teacher:
             elif fmt == "json_object":
                 kwargs["response_format"] = {"type": "json_object"}
             self.usage.requests += 1
+            sent_at = time.perf_counter()
             try:
                 response = await self._client.chat.completions.create(**kwargs)
             except openai.APIStatusError as err:
                 err.sent_format = fmt  # lets _fall_back tell a stale rejection from a new one
                 raise
+            self.latencies.append(time.perf_counter() - sent_at)
         choice = response.choices[0] if response.choices else None
         text = (choice.message.content if choice and choice.message else None) or ""
         self._count(messages, text, getattr(response, "usage", None))
