@@ -181,8 +181,10 @@ def completion_logprobs(
         lp = mx.take_along_axis(logits, ids[..., None], axis=-1).squeeze(-1) - lse
         if not return_entropy:
             return lp
-        # H = lse - sum p * logit; cheap because the chunk's logits already exist.
-        ent = lse - (mx.softmax(logits, axis=-1) * logits).sum(axis=-1)
+        # H = lse - sum p * logit; cheap because the chunk's logits already exist. It is a
+        # statistic: stop_gradient keeps the backward pass from differentiating it.
+        z = mx.stop_gradient(logits)
+        ent = mx.stop_gradient(lse) - (mx.softmax(z, axis=-1) * z).sum(axis=-1)
         return lp, ent
 
     # Checkpoint w.r.t. the head's (trainable) parameters as well as the chunk inputs.
