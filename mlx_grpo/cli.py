@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 import mlx_grpo  # noqa: F401  (loads the optimised BLAS before mlx.core)
-from mlx_grpo.config import Config, iter_fields, load_config, parse_cli_value, to_dict
+from mlx_grpo.config import Config, iter_fields, load_config, load_run_config, parse_cli_value, to_dict
 from mlx_grpo.errors import UserInputError
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -111,7 +111,46 @@ def start_scorer(cfg: Config, rubric, run_dir: Path, console, notify):
     return scorer
 
 
-def run_training(cfg: Config, console) -> int:
+class StopRequests:
+    """Ctrl-C / SIGTERM: the first finishes the current step, saves a checkpoint and exits 0;
+    a second one stops at once."""
+
+    def __init__(self, console):
+        self.requested = False
+        self.console = console
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print("Stopping after this step (a checkpoint will be saved); press Ctrl-C again to quit now.",
+                           markup=False)
+
+    def install(self):
+        import signal
+
+        return {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def resume_target(spec: str, output_dir: str) -> Path:
+    """The run directory --resume names: a path, or `latest` (the newest run with a checkpoint)."""
+    from mlx_grpo.checkpoint import complete_checkpoints
+
+    if spec != "latest":
+        run_dir = Path(spec)
+        if not run_dir.is_dir():
+            raise UserInputError(f"--resume: {run_dir} is not a directory")
+        return run_dir
+    runs = [p for p in (Path(output_dir) / "runs").glob("*") if complete_checkpoints(p)]
+    if not runs:
+        raise UserInputError(f"--resume latest: no run with a checkpoint under {Path(output_dir) / 'runs'}")
+    return max(runs, key=lambda p: complete_checkpoints(p)[-1].stat().st_mtime)
+
+
+def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
     from rich.progress import Progress
 
     from mlx_grpo.metrics import MetricsHub
@@ -123,8 +162,16 @@ def run_training(cfg: Config, console) -> int:
     from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable, describe_rubric
     from mlx_grpo.trainer import train
 
+    from mlx_grpo.checkpoint import latest_checkpoint, truncate_logs
+    from mlx_grpo.trainer import TrainingDiverged
+
     rubric, items = validate_inputs(cfg)
-    run_dir, tb_dir = make_run_dirs(cfg)
+    checkpoint = None
+    if resume_dir is None:
+        run_dir, tb_dir = make_run_dirs(cfg)
+    else:
+        run_dir, tb_dir = resume_dir, Path(cfg.train.output_dir) / "tensorboard" / resume_dir.name
+        checkpoint = latest_checkpoint(run_dir)
     hub = None
 
     def notify(text: str) -> None:
@@ -141,17 +188,28 @@ def run_training(cfg: Config, console) -> int:
         with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
             model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
         console.print(f"Model: {model_dir}", soft_wrap=True)
-        run_dir.mkdir(parents=True)
+        resumed_at = None
+        if checkpoint is None:
+            run_dir.mkdir(parents=True)
+        else:
+            import pickle
+
+            resumed_at = int(checkpoint.name.split("_")[1])
+            # Lines a crash left after the checkpoint are cut, so the resumed steps are not duplicated.
+            truncate_logs(run_dir, pickle.loads((checkpoint / "state.pkl").read_bytes())["log_sizes"])
+            console.print(f"Resuming {run_dir} from step {resumed_at} ({checkpoint})", soft_wrap=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
                                                             sort_keys=False))
-        sinks = [TensorBoardSink(tb_dir), JsonlSink(run_dir / "metrics.jsonl"), LearningLogSink(run_dir / "learning.log"),
+        sinks = [TensorBoardSink(tb_dir, resume_step=resumed_at), JsonlSink(run_dir / "metrics.jsonl"),
+                 LearningLogSink(run_dir / "learning.log"),
                  JsonlSink(run_dir / "batch_metrics.jsonl", keys=("pass_at_1", "pass_at_all"))]
         if wandb_enabled(cfg):
             from mlx_grpo.metrics.wandb_sink import WandbSink
             sinks.append(WandbSink(cfg, run_dir, announce=lambda text: console.print(text, soft_wrap=True)))
         hub = MetricsHub(sinks)
-        hub.log_text(0, "Rubric/changes", describe_rubric(rubric))
-        hub.log_text(0, "System/backend", describe_backend())
+        hub.last_step = resumed_at or 0
+        hub.log_text(hub.last_step, "Rubric/changes", describe_rubric(rubric))
+        hub.log_text(hub.last_step, "System/backend", describe_backend())
         console.print(describe_backend(), soft_wrap=True)
         console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
 
@@ -167,15 +225,24 @@ def run_training(cfg: Config, console) -> int:
                                   f"teacher {fields['teacher']} tok {record['timing_s/step']:.1f}s", markup=False,
                                   soft_wrap=True)
 
+            stop = StopRequests(console)
+            previous = stop.install()
             try:
                 # The trainer writes its own notices (rubric reloads, health) to the logs: console only here.
                 state = train(cfg, run_dir, items, scorer, model, tokenizer, hub, progress=on_step,
-                              watcher=RubricWatcher(rubric),
+                              watcher=RubricWatcher(rubric), resume=checkpoint, should_stop=stop,
                               notify=lambda text: console.print(text, soft_wrap=True, markup=False))
-            except TeacherUnavailable as err:
+            except (TeacherUnavailable, TrainingDiverged) as err:
                 # Adapters of the completed steps are saved by train(); say where and stop.
-                print(f"error: teacher: {err}. Adapters so far: {run_dir / 'adapters.safetensors'}", file=sys.stderr)
+                what = "teacher" if isinstance(err, TeacherUnavailable) else "training"
+                print(f"error: {what}: {err}. Adapters so far: {run_dir / 'adapters.safetensors'}; resume with: "
+                      f"uv run train --resume {run_dir}", file=sys.stderr)
                 return 1
+            finally:
+                import signal
+
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
     finally:
         scorer.close()
         if hub is not None:
@@ -183,7 +250,8 @@ def run_training(cfg: Config, console) -> int:
     rewards = state.rewards
     k = min(5, len(rewards))
     if state.stop_reason:
-        console.print(f"Stopped early: {state.stop_reason}", soft_wrap=True)
+        console.print(f"Stopped early: {state.stop_reason}. Resume with: uv run train --resume {run_dir}",
+                      soft_wrap=True)
     usage = scorer.usage
     if usage.requests or usage.cache_hits:
         cost = f", ${usage.cost_usd:.4f}" if usage.cost_usd else ""
@@ -206,7 +274,10 @@ def train_main(argv: list[str] | None = None) -> int:
     def run() -> int:
         args, overrides = parse_args(argv)
         if args.resume:
-            raise UserInputError("--resume: resuming runs is not available in this version yet")
+            output_dir = overrides.get("train.output_dir", Config().train.output_dir)
+            run_dir = resume_target(args.resume, output_dir)
+            # The run's own config; the command line may change e.g. train.steps to go further.
+            return run_training(load_run_config(run_dir, overrides), console, resume_dir=run_dir)
         config_path = args.config
         if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
             config_path = None  # run from outside the repo: built-in defaults are the demo

@@ -92,7 +92,9 @@ class OptimConfig:
 class TrainConfig:
     steps: int = opt(30, "Optimizer steps to run.")
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
-    save_every: int = opt(10, "Save adapters every N steps (0 = only at the end).")
+    save_every: int = opt(10, "Save a checkpoint (and the adapters) every N steps (0 = only at the end).")
+    keep_checkpoints: int = opt(3, "Keep the newest K checkpoints in <run>/checkpoints (0 = keep all).")
+    max_nonfinite_skips: int = opt(5, "Stop after this many consecutive updates skipped for a NaN/inf loss or gradient.")
     run_name: str = opt("", "Run name; empty = a timestamp.")
     output_dir: str = opt("logs", "Root of logs/runs/<run> and logs/tensorboard/<run>.")
 
@@ -221,6 +223,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config a run was started with (its config.yaml), then command-line overrides."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserInputError(f"--resume: {path} not found; is {run_dir} a run directory?")
+    tree = yaml.safe_load(path.read_text()) or {}
+    tree.pop("resolved_model", None)  # written beside the config, not a config field
+    cfg = Config()
+    for dotted, value in _flatten(tree).items():
+        _apply(cfg, dotted, value, str(path))
+    for dotted, value in (overrides or {}).items():
+        _apply(cfg, dotted, value, "command line")
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     def require(ok: bool, key: str, what: str):
@@ -255,6 +273,8 @@ def validate(cfg: Config) -> None:
             f"must divide the batch_size * group_size = {n} completions")
     require(cfg.train.steps >= 1, "train.steps", "must be at least 1")
     require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
+    require(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
+    require(cfg.train.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", "must be at least 1")
     require(cfg.data.train_size >= 1, "data.train_size", "must be at least 1")
     require(cfg.data.test_size >= 0, "data.test_size", "must be >= 0")
     require(cfg.data.max_ops >= 1, "data.max_ops", "must be at least 1")

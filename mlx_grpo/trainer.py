@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlx_grpo import grpo
+from mlx_grpo.checkpoint import load_checkpoint, log_sizes, save_checkpoint
 from mlx_grpo.config import Config
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.metrics import MetricsHub
@@ -36,8 +38,14 @@ from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
 NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ppo_kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0,
                    "ratio_mean": 1.0, "ratio_std": 0.0, "ratio_p95": 1.0, "log_ratio_mean": 0.0,
                    "log_ratio_std": 0.0, "outside_clip_frac": 0.0}
+# Log files in the run directory that a resume truncates back to the checkpoint.
+LOG_FILES = ("metrics.jsonl", "batch_metrics.jsonl", "learning.log", "completions.jsonl", "reward_breakdown.jsonl")
 # reward_breakdown.jsonl: one compact line per completion, every step.
 BREAKDOWN_KEYS = ("step", "prompt_id", "completion", "reward", "valid", "scores")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -46,6 +54,7 @@ class TrainState:
     rewards: list[float] = field(default_factory=list)  # mean reward per step, for the summary
     stop_reason: str | None = None  # set when training ended before cfg.train.steps (e.g. budget spent)
     summary: list[list] = field(default_factory=list)  # per-criterion [name, mean, std, min, max, samples]
+    nonfinite_skips: int = 0  # updates skipped for a NaN/inf loss or gradient
 
 
 def seed_everything(seed: int) -> None:
@@ -152,6 +161,11 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
         else:
             grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
+        # A NaN/inf anywhere makes the norm non-finite: skip the step rather than poison the weights
+        # and the optimizer's moments.
+        if not (math.isfinite(grad_norm.item()) and math.isfinite(totals.get("loss", 0.0))):
+            totals["nonfinite"] = True
+            break
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
     model.eval()
@@ -199,11 +213,14 @@ def completion_rows(step: int, samples: list[dict], texts: list[str], scored) ->
 
 
 def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, tokenizer,
-          hub: MetricsHub, progress=None, watcher: RubricWatcher | None = None, notify=print) -> TrainState:
-    """Run cfg.train.steps GRPO steps; adapters are saved into run_dir, also when a step fails.
+          hub: MetricsHub, progress=None, watcher: RubricWatcher | None = None, notify=print,
+          resume: Path | None = None, should_stop=lambda: False) -> TrainState:
+    """Run GRPO steps up to cfg.train.steps; adapters are saved into run_dir, also when a step fails.
 
     `scorer` holds the rubric (and its teacher); `watcher`, if given, hot-reloads the rubric file.
-    Training stops early, cleanly, when the teacher's budget is spent (state.stop_reason says so).
+    `resume` is a checkpoint directory to continue from. Training stops early, cleanly, with a
+    checkpoint, when the teacher's budget is spent or `should_stop()` turns true (Ctrl-C);
+    state.stop_reason says why.
     """
     seed_everything(cfg.train.seed)
     adapter_config = prepare_trainable(model, cfg)
@@ -225,13 +242,42 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     # Judged over several steps: with one prompt per step a single step says little.
     health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10, warmup_steps=cfg.optim.warmup_steps))
     system_stats = SystemSampler(cfg.logging.system_interval_s).start()
+    first_step, elapsed_before, nonfinite_run, saved_step, save_time = 1, 0.0, 0, 0, 0.0
+    if resume is not None:
+        saved = load_checkpoint(resume, model, optimizer)
+        sampler.load_state_dict(saved["sampler"])
+        tracker, health, state.rewards = saved["tracker"], saved["health"], saved["rewards"]
+        scorer.restore_usage(saved["teacher_usage"], saved["teacher_latencies"])
+        random.setstate(saved["python_random"])
+        np.random.set_state(saved["numpy_random"])
+        first_step = saved_step = saved["step"] + 1
+        saved_step -= 1
+        elapsed_before, nonfinite_run, state.nonfinite_skips = saved["elapsed_s"], saved["nonfinite_run"], saved["nonfinite_skips"]
+        state.step = saved["step"]
     completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
     breakdown_log = open(run_dir / "reward_breakdown.jsonl", "a", encoding="utf-8")
-    start_time = time.perf_counter()
+    start_time = time.perf_counter() - elapsed_before
+
+    def checkpoint(step: int) -> float:
+        """Save checkpoint `step` (after its logs are written, so their sizes include it)."""
+        begin = time.perf_counter()
+        save_adapters(model, run_dir, adapter_config)
+        save_checkpoint(run_dir, step, model, optimizer, keep=cfg.train.keep_checkpoints, state={
+            "sampler": sampler.state_dict(), "tracker": tracker, "health": health, "rewards": state.rewards,
+            "teacher_usage": scorer.usage, "teacher_latencies": scorer.latencies,
+            "python_random": random.getstate(), "numpy_random": np.random.get_state(),
+            "elapsed_s": time.perf_counter() - start_time, "nonfinite_run": nonfinite_run,
+            "nonfinite_skips": state.nonfinite_skips, "rubric_version": scorer.rubric.version,
+            "teacher_cache": str(scorer.cache.path) if scorer.cache is not None else None,
+            "log_sizes": log_sizes([run_dir / name for name in LOG_FILES])})
+        return time.perf_counter() - begin
 
     try:
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(first_step, cfg.train.steps + 1):
             step_start = time.perf_counter()
+            # Each step's sampling randomness depends only on (seed, step), so a resumed run
+            # draws exactly what the uninterrupted run drew.
+            mx.random.seed(cfg.train.seed * 1_000_003 + step)
             reload_rubric(watcher, scorer, hub, step, notify)
             usage_before = scorer.usage
 
@@ -278,22 +324,29 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                                   ref_logprobs) if has_signal else dict(NO_UPDATE_STATS)
             update_time = time.perf_counter() - update_start
 
-            save_time = 0.0
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                save_start = time.perf_counter()
-                save_adapters(model, run_dir, adapter_config)
-                save_time = time.perf_counter() - save_start
+            if stats.get("nonfinite"):
+                nonfinite_run += 1
+                state.nonfinite_skips += 1
+                notify(f"warning: step {step}: non-finite loss or gradient; the update was skipped "
+                       f"({nonfinite_run} in a row)")
+                if nonfinite_run >= cfg.train.max_nonfinite_skips:
+                    raise TrainingDiverged(
+                        f"{nonfinite_run} updates in a row had a NaN/inf loss or gradient (train.max_nonfinite_skips); "
+                        "lower optim.learning_rate or check the rubric's rewards")
+            else:
+                nonfinite_run = 0
 
             # 6. Log one record.
             state.step = step
             step_time = time.perf_counter() - step_start
             timings = {"gen": rollout.generation_time_s, "ref": ref_time, "adv": adv_time,
                        "reward": (scored_at[0] if scored_at else wait_start + reward_wait) - score_start,
-                       "update_actor": update_time, "save_checkpoint": save_time}
+                       "update_actor": update_time, "save_checkpoint": save_time}  # the latest save
             backprop_speed = batch.num_tokens * cfg.grpo.num_iterations / update_time if has_signal else None
             record = step_record(cfg, step, stats, scored, scorer, rollout, prompts, advantages, optimizer)
             record.update(timing_records(timings, reward_wait, step_time, rollout, batch.num_tokens))
             record["time/elapsed_s"] = time.perf_counter() - start_time
+            record["health/nonfinite_skips"] = float(state.nonfinite_skips)
             record["epoch"] = step * B / prompts_per_epoch  # the same epochs as Epoch/*
             usage = scorer.usage
             if scorer.teacher is not None or usage.requests:
@@ -331,14 +384,23 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                 progress(step, record)
             if spent is not None:
                 state.stop_reason = f"{spent}; stopped after step {step}"
-                notify(state.stop_reason)
                 hub.log_text(step, "Notices", state.stop_reason)
+            elif should_stop():
+                state.stop_reason = f"interrupted; stopped after step {step}"
+            last = step == cfg.train.steps or state.stop_reason is not None
+            if last or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                save_time = checkpoint(step)
+                saved_step = step
+            if state.stop_reason is not None:
+                notify(state.stop_reason)
                 break
     finally:
-        # Whatever ends the loop (done, budget, teacher down, Ctrl-C), the trained weights are kept.
+        # Whatever ends the loop (done, budget, teacher down, a crash), the trained weights are kept;
+        # a complete step without a checkpoint yet gets one.
         system_stats.stop()
-        if state.step > 0:
+        if state.step > saved_step and state.step >= first_step:
             save_adapters(model, run_dir, adapter_config)
+        if state.step > 0 and state.stop_reason is not None or state.step == cfg.train.steps:
             final, table = tracker.finish()
             hub.log_summary(state.step, final, table)
             (run_dir / "summary.json").write_text(json.dumps({"step": state.step, **final, "criteria": [

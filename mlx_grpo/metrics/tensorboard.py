@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -17,9 +17,15 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 class TensorBoardSink:
     """Writes every numeric entry of the record whose tag has a group prefix (e.g. 'Train/Loss')."""
 
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | Path, resume_step: int | None = None):
         Path(logdir).mkdir(parents=True, exist_ok=True)
         self.writer = EventFileWriter(str(logdir), flush_secs=10)
+        if resume_step is not None:
+            # TensorBoard drops every event at or after a session START's step: the steps a crash
+            # logged after the checkpoint vanish, and the resumed ones take their place.
+            self.writer.add_event(Event(wall_time=time.time(), step=resume_step + 1,
+                                        session_log=SessionLog(status=SessionLog.START)))
+            self.writer.flush()
 
     def log(self, step: int, record: dict) -> None:
         values = []

@@ -185,6 +185,11 @@ class Scorer:
         current = self.teacher.usage if self.teacher is not None else TeacherUsage()
         return self._add(self._usage_before, current)
 
+    def restore_usage(self, usage: TeacherUsage, latencies: list[float]) -> None:
+        """Continue a resumed run's accounting (budget, totals, latency percentiles); what this
+        process already spent (the preflight) is added on top."""
+        self._usage_before, self._latencies_before = usage, list(latencies)
+
     @property
     def latencies(self) -> list[float]:
         """Seconds per answered teacher request over the whole run."""
