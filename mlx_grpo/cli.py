@@ -101,12 +101,12 @@ def start_scorer(cfg: Config, rubric, run_dir: Path, console, notify):
     if scorer.teacher is not None:
         t = scorer.teacher.cfg
         try:
-            with console.status(f"Checking the teacher {t.model} at {t.base_url}..."):
+            with console.status(f"Checking the teacher {t.model} at {t.shown_url}..."):
                 scorer.preflight()
         except BaseException:
             scorer.close()
             raise
-        console.print(f"Teacher: {t.model} at {t.base_url} ({t.mode} mode) answers. Score cache: {cache}",
+        console.print(f"Teacher: {t.model} at {t.shown_url} ({t.mode} mode) answers. Score cache: {cache}",
                       soft_wrap=True)
     return scorer
 

@@ -155,7 +155,7 @@ def run_check(args, console) -> int:
                 scorer.preflight()
             finally:
                 scorer.close()
-            console.print(f"teacher {rubric.teacher_config.model} at {rubric.teacher_config.base_url}: ok")
+            console.print(f"teacher {rubric.teacher_config.model} at {rubric.teacher_config.shown_url}: ok")
     console.print(f"{args.rubric}: ok")
     return 0
 

@@ -4,6 +4,8 @@ learning.log against the seed's line format, batch_metrics.jsonl and reward_brea
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -47,15 +49,18 @@ def run(tmp_path_factory):
         for key, value in env.items():
             mp.setenv(key, value)
         mp.chdir(REPO)
-        code = train_main(["--config", "configs/code_teacher.yaml", "--train.steps", str(STEPS), "--run-name", "obs",
-                           "--train.output_dir", str(tmp / "logs"), "--rollout.batch_size", "1",
-                           "--rollout.group_size", "4", "--rollout.max_new_tokens", "16",
-                           "--optim.warmup_steps", "0", "--logging.performance_every", str(EVERY),
-                           "--logging.histogram_every", "2", "--data.epoch_size", str(EVERY),
-                           "--logging.sample_every", "2", "--logging.system_interval_s", "0.2",
-                           "--logging.correct_criterion", "CodeQuality", "--logging.correct_threshold", "0.5"])
+        console = io.StringIO()
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            code = train_main(["--config", "configs/code_teacher.yaml", "--train.steps", str(STEPS), "--run-name", "obs",
+                               "--train.output_dir", str(tmp / "logs"), "--rollout.batch_size", "1",
+                               "--rollout.group_size", "4", "--rollout.max_new_tokens", "16",
+                               "--optim.warmup_steps", "0", "--logging.performance_every", str(EVERY),
+                               "--logging.histogram_every", "2", "--data.epoch_size", str(EVERY),
+                               "--logging.sample_every", "2", "--logging.system_interval_s", "0.2",
+                               "--logging.correct_criterion", "CodeQuality", "--logging.correct_threshold", "0.5"])
     server.close()
-    assert code == 0
+    assert code == 0, console.getvalue()[-2000:]
+    (tmp / "logs" / "console.txt").write_text(console.getvalue())
     return tmp / "logs"
 
 
@@ -122,9 +127,12 @@ def test_wandb_offline_mirrors_metrics_tables_and_no_secret(run):
     for name in ("Correctness", "rubric"):
         for stat in ("mean", "std", "max", "min", "total_samples"):
             assert f"final/{name}_{stat}" in wb["summary"]
-    raw = b"".join(p.read_bytes() for p in (run / "runs" / "obs").rglob("*") if p.is_file())
-    for secret in SECRETS.values():
-        assert secret.encode() not in raw
+    # Every file under logs/ (run directory, TensorBoard events, W&B's offline files) and the console.
+    assert "W&B initialized" in (run / "console.txt").read_text()
+    for path in run.rglob("*"):
+        if path.is_file():
+            for secret in SECRETS.values():
+                assert secret.encode() not in path.read_bytes(), path
 
 
 def test_learning_log_matches_the_seed_format(run):

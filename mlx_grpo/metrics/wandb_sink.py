@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,13 @@ class WandbSink:
         import wandb  # imported lazily: it is slow to import and most runs don't use it
 
         self.wandb = wandb
+        # The run id is kept in the run directory, so a resumed run continues the same W&B run.
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
-                              config=run_config(cfg), mode=cfg.logging.wandb_mode or None)
+                              config=run_config(cfg), mode=cfg.logging.wandb_mode or None, id=run_id,
+                              resume="allow")
         where = self.run.url or f"offline, in {Path(self.run.dir).parent}"
         announce(f"W&B initialized: {where}")
 

@@ -273,7 +273,7 @@ def describe_rubric(rubric: Rubric) -> str:
         lines.append(f"- {c.name}: weight {c.weight:g} ({c.weight / rubric.total_weight:.0%}), {how}")
     if rubric.teacher_config is not None:
         t = rubric.teacher_config
-        lines.append(f"- teacher: {t.model} at {t.base_url}, mode {t.mode}")
+        lines.append(f"- teacher: {t.model} at {t.shown_url}, mode {t.mode}")
     return "\n".join(lines)
 
 

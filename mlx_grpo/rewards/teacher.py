@@ -168,7 +168,7 @@ class Teacher:
 
     def describe(self, err: Exception) -> str:
         """One line about a failed request, naming the endpoint and never the key."""
-        url = self.cfg.base_url
+        url = self.cfg.shown_url
         if isinstance(err, openai.APITimeoutError):
             text = f"the teacher at {url} did not answer within {self.cfg.timeout_s:g}s (timeout_s)"
         elif isinstance(err, openai.APIConnectionError):
@@ -283,7 +283,7 @@ class Teacher:
             prompt = sum(len(m["content"]) for m in messages) // 4
             completion = len(text) // 4
             self.usage.estimated_requests += 1
-            self._warn_once("usage", f"the teacher at {self.cfg.base_url} returns no token usage; "
+            self._warn_once("usage", f"the teacher at {self.cfg.shown_url} returns no token usage; "
                                      "token counts are estimated (characters / 4)")
         self.usage.prompt_tokens += prompt
         self.usage.completion_tokens += completion
@@ -299,7 +299,7 @@ class Teacher:
         if sent not in FORMAT_FALLBACK:
             return False
         old, self.response_format = self.response_format, FORMAT_FALLBACK[self.response_format]
-        self._warn_once(old, f"the teacher at {self.cfg.base_url} rejected response_format {old} "
+        self._warn_once(old, f"the teacher at {self.cfg.shown_url} rejected response_format {old} "
                              f"({_message(err)}); using {self.response_format} instead")
         return True
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit, urlunsplit
 
 from mlx_grpo.errors import UserInputError
 
@@ -37,6 +39,16 @@ class Budget:
         return (prompt_tokens * per_input + completion_tokens * per_output) / 1e6
 
 
+def redact_url(url: str) -> str:
+    """The URL with any password and key-like query values replaced by ***, for logs and errors."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    query = re.sub(r"(?i)\b((?:api[_-]?)?key|token|secret|password|sig)=[^&]*", r"\1=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     model: str
@@ -55,6 +67,11 @@ class TeacherConfig:
     max_failure_rate: float = 0.5  # stop the run when more than this fraction of recent scores fail
     failure_window: int = 64  # ... measured over this many recent judged completions (once a quarter are in)
     budget: Budget = field(default_factory=Budget)
+
+    @property
+    def shown_url(self) -> str:
+        """base_url safe to print: a password or key in it is replaced by ***."""
+        return redact_url(self.base_url)
 
 
 KEYS = tuple(f.name for f in fields(TeacherConfig))
