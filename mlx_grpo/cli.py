@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
-    args = build_parser().parse_args(argv)
+    # argparse reads "-1e-4" as a flag; glue a negative number to its option ("--x=-1e-4").
+    joined = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and re.match(r"^-\.?\d", token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    args = build_parser().parse_args(joined)
     overrides = {}
     for key, value in vars(args).items():
         if key.startswith("field:"):
@@ -81,7 +89,7 @@ def make_run_dirs(cfg: Config) -> tuple[Path, Path]:
 def validate_inputs(cfg: Config):
     """Check everything the user supplied before the (slow) model load."""
     from mlx_grpo.data import load_dataset
-    from mlx_grpo.models import validate_model_path
+    from mlx_grpo.models import validate_generation_length, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
     rubric = load_rubric(cfg.rubric)
@@ -89,6 +97,11 @@ def validate_inputs(cfg: Config):
                          on_bad_line=cfg.data.on_bad_line, max_ops=cfg.data.max_ops,
                          max_operand=cfg.data.max_operand)
     validate_model_path(cfg.model.path)
+    validate_generation_length(cfg.model.path, cfg.rollout.max_new_tokens)
+    names = [c.name for c in rubric.criteria]
+    if cfg.logging.correct_criterion and cfg.logging.correct_criterion not in names:
+        raise UserInputError(f"config: logging.correct_criterion {cfg.logging.correct_criterion!r} is not a "
+                             f"criterion of {cfg.rubric} ({', '.join(names)})")
     return rubric, items
 
 

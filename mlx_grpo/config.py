@@ -7,6 +7,8 @@ dataclasses below are the single reference for what can be configured.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -207,14 +209,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise UserInputError(f"{path}: config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserInputError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
-        if not isinstance(tree, dict):
-            raise UserInputError(f"{path}: the top level must be a mapping of sections")
+        tree = _read_yaml(path)
         for dotted, value in _flatten(tree).items():
             _apply(cfg, dotted, value, str(path))
     for dotted, value in (overrides or {}).items():
@@ -223,12 +218,27 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def _read_yaml(path: Path) -> dict:
+    """A config file's mapping; any problem is one UserInputError naming the file (and line)."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not valid UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserInputError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(tree, dict):
+        raise UserInputError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
 def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Config:
     """The config a run was started with (its config.yaml), then command-line overrides."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserInputError(f"--resume: {path} not found; is {run_dir} a run directory?")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = _read_yaml(path)
     tree.pop("resolved_model", None)  # written beside the config, not a config field
     cfg = Config()
     for dotted, value in _flatten(tree).items():
@@ -248,6 +258,9 @@ def validate(cfg: Config) -> None:
                 value = getattr(value, p)
             raise UserInputError(f"config: {key} {what}, got {value!r}")
 
+    for name, _, kind in iter_fields():  # .inf and .nan would pass the range checks below
+        if kind is float:
+            require(math.isfinite(functools.reduce(getattr, name.split("."), cfg)), name, "must be a finite number")
     require(cfg.rollout.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare completions within a group)")
     require(cfg.rollout.batch_size >= 1, "rollout.batch_size", "must be at least 1")
     require(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
@@ -285,6 +298,9 @@ def validate(cfg: Config) -> None:
     require(cfg.logging.system_interval_s > 0, "logging.system_interval_s", "must be positive")
     require(cfg.data.epoch_size >= 0, "data.epoch_size", "must be >= 0")
     require(bool(cfg.rubric), "rubric", "must name a rubric YAML file")
+    require(bool(cfg.model.path.strip()), "model.path", "must name a model (built-in alias, HF id, directory or .gguf)")
+    require(all(isinstance(m, str) and m.strip() for m in cfg.lora.target_modules), "lora.target_modules",
+            "must be a list of layer names such as [q_proj, v_proj]")
     require(not cfg.train.run_name or "/" not in cfg.train.run_name and cfg.train.run_name not in (".", ".."),
             "train.run_name", "must be a plain directory name")
 

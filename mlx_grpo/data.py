@@ -273,11 +273,15 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
         raise UserInputError(f"{path}: dataset file not found")
     rows: list[dict] = []
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not valid UTF-8 text (byte {e.start + 1} of the line)") from None
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -288,7 +292,8 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
                     raise UserInputError(f"{path}:{lineno}: {e}") from None
                 skipped += 1
     if not rows:
-        raise UserInputError(f"{path}: no usable rows ({skipped} bad lines skipped)")
+        detail = f"{skipped} bad lines skipped" if skipped else "the file has no data lines"
+        raise UserInputError(f"{path}: no usable rows ({detail})")
     return rows, skipped
 
 

@@ -110,6 +110,15 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 def gguf_architecture(path: Path) -> str:
     """Read `general.architecture` from a GGUF header, without loading any tensor."""
+    arch = gguf_header(path, until=lambda found: "general.architecture" in found).get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserInputError(f"GGUF {path}: metadata has no general.architecture")
+    return arch
+
+
+def gguf_header(path: Path, until=None) -> dict:
+    """The scalar and string metadata of a GGUF header (arrays are skipped), without loading any
+    tensor; reading stops early once `until(found)` is true."""
 
     def read(f, fmt):
         size = struct.calcsize(fmt)
@@ -140,6 +149,7 @@ def gguf_architecture(path: Path) -> str:
         else:
             raise ValueError(f"unknown value type {vtype}")
 
+    found: dict = {}
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
@@ -150,14 +160,60 @@ def gguf_architecture(path: Path) -> str:
             read(f, "<Q")  # tensor count
             for _ in range(read(f, "<Q")):
                 key, vtype = read_str(f), read(f, "<I")
-                if key == "general.architecture" and vtype == _GGUF_STRING:
-                    return read_str(f)
-                skip(f, vtype)
+                if vtype == _GGUF_STRING:
+                    found[key] = read_str(f)
+                elif vtype in _GGUF_SCALARS:
+                    found[key] = read(f, _GGUF_SCALARS[vtype])
+                else:
+                    skip(f, vtype)
+                if until is not None and until(found):
+                    break
     except (EOFError, ValueError, struct.error) as err:
         raise UserInputError(f"GGUF {path}: truncated or corrupt header ({err or 'unexpected end of file'})") from None
     except OSError as err:
         raise UserInputError(f"GGUF {path}: cannot read ({err.strerror})") from None
-    raise UserInputError(f"GGUF {path}: metadata has no general.architecture")
+    return found
+
+
+# config.json keys that hold the context window, in order of preference.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_ctx", "max_seq_len")
+
+
+def model_context_length(path: str) -> int | None:
+    """The model's context window in tokens, found without loading weights: config.json of a
+    model directory (or of an HF id already in the local cache), or the GGUF header. None when
+    unknown."""
+    kind, where = _locate(path)
+    if kind == "gguf":
+        def context_key(found: dict) -> str:  # e.g. llama.context_length
+            return f"{found.get('general.architecture')}.context_length"
+
+        header = gguf_header(Path(where), until=lambda found: context_key(found) in found)
+        values = [header.get(context_key(header))]
+    else:
+        config_path = Path(where) / "config.json" if kind == "dir" else _cached_hf_config(str(where))
+        try:
+            config = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        except (OSError, ValueError):
+            return None
+        values = [config.get(key) for key in _CONTEXT_KEYS] if isinstance(config, dict) else []
+    return next((int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+
+
+def _cached_hf_config(repo_id: str) -> str | None:
+    """config.json of an HF model already downloaded (no network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return found if isinstance(found, str) else None
+
+
+def validate_generation_length(model_path: str, max_new_tokens: int) -> None:
+    """rollout.max_new_tokens must fit in the model's context window (when it is known)."""
+    context = model_context_length(model_path)
+    if context is not None and max_new_tokens > context:
+        raise UserInputError(f"config: rollout.max_new_tokens {max_new_tokens} exceeds the model's context "
+                             f"window of {context} tokens")
 
 
 def resolve_model_path(path: str, dtype: str = "float32") -> str:
