@@ -204,14 +204,18 @@ def _flatten(tree: dict) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file, then dotted overrides; then validation."""
+    if path is None:
+        return _build({}, "", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: config file not found")
+    return _build(_read_yaml(path), str(path), overrides)
+
+
+def _build(tree: dict, source: str, overrides: dict[str, Any] | None) -> Config:
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"{path}: config file not found")
-        tree = _read_yaml(path)
-        for dotted, value in _flatten(tree).items():
-            _apply(cfg, dotted, value, str(path))
+    for dotted, value in _flatten(tree).items():
+        _apply(cfg, dotted, value, source)
     for dotted, value in (overrides or {}).items():
         _apply(cfg, dotted, value, "command line")
     validate(cfg)
@@ -240,13 +244,7 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> C
         raise UserInputError(f"--resume: {path} not found; is {run_dir} a run directory?")
     tree = _read_yaml(path)
     tree.pop("resolved_model", None)  # written beside the config, not a config field
-    cfg = Config()
-    for dotted, value in _flatten(tree).items():
-        _apply(cfg, dotted, value, str(path))
-    for dotted, value in (overrides or {}).items():
-        _apply(cfg, dotted, value, "command line")
-    validate(cfg)
-    return cfg
+    return _build(tree, str(path), overrides)
 
 
 def validate(cfg: Config) -> None:
