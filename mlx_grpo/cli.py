@@ -233,10 +233,10 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
                 bar.update(task, completed=step, **progress_fields(record))
                 if not console.is_terminal:  # a log file or CI: one plain line per step instead
                     fields = progress_fields(record)
+                    teacher = f" teacher {fields['teacher']} tok" if "Teacher/APITokensTotal" in record else ""
                     console.print(f"step {step}/{cfg.train.steps} epoch {fields['epoch']} reward {fields['reward']} "
-                                  f"kl {fields['kl']} gen {fields['gen']} tok/s train {fields['train']} tok/s "
-                                  f"teacher {fields['teacher']} tok {record['timing_s/step']:.1f}s", markup=False,
-                                  soft_wrap=True)
+                                  f"kl {fields['kl']} gen {fields['gen']} tok/s train {fields['train']} tok/s"
+                                  f"{teacher} {record['timing_s/step']:.1f}s", markup=False, soft_wrap=True)
 
             stop = StopRequests(console)
             previous = stop.install()

@@ -243,6 +243,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10, warmup_steps=cfg.optim.warmup_steps))
     system_stats = SystemSampler(cfg.logging.system_interval_s).start()
     first_step, elapsed_before, nonfinite_run, saved_step, save_time = 1, 0.0, 0, 0, 0.0
+    run_complete = False  # the last step (or the budget's) is done: time for the final summary
     if resume is not None:
         saved = load_checkpoint(resume, model, optimizer)
         sampler.load_state_dict(saved["sampler"])
@@ -363,7 +364,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             health_scalars, warnings = health.update(step, record)
             record.update(health_scalars)
             spent = scorer.budget_exhausted()
-            if step == cfg.train.steps or spent is not None:
+            run_complete = step == cfg.train.steps or spent is not None  # (an interrupted run is resumed)
+            if run_complete:
                 record.update(tracker.close_epoch())  # the last, partial epoch: short runs get Epoch/* too
             hub.log(step, record)
             for warning in warnings:
@@ -395,12 +397,11 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                 notify(state.stop_reason)
                 break
     finally:
-        # Whatever ends the loop (done, budget, teacher down, a crash), the trained weights are kept;
-        # a complete step without a checkpoint yet gets one.
+        # Whatever ends the loop (done, budget, teacher down, a crash), the trained weights are kept.
         system_stats.stop()
         if state.step > saved_step and state.step >= first_step:
             save_adapters(model, run_dir, adapter_config)
-        if state.step > 0 and state.stop_reason is not None or state.step == cfg.train.steps:
+        if run_complete:
             final, table = tracker.finish()
             hub.log_summary(state.step, final, table)
             (run_dir / "summary.json").write_text(json.dumps({"step": state.step, **final, "criteria": [
