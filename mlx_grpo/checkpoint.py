@@ -80,7 +80,12 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     mx.eval(model.parameters(), optimizer.state)
-    return pickle.loads((path / "state.pkl").read_bytes())
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.pkl: its step, log sizes, cursors and accumulators."""
+    return pickle.loads((Path(path) / "state.pkl").read_bytes())
 
 
 def log_sizes(paths: list[Path]) -> dict[str, int]:

@@ -175,7 +175,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
     from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable, describe_rubric
     from mlx_grpo.trainer import train
 
-    from mlx_grpo.checkpoint import latest_checkpoint, truncate_logs
+    from mlx_grpo.checkpoint import latest_checkpoint, read_state, truncate_logs
     from mlx_grpo.trainer import TrainingDiverged
 
     rubric, items = validate_inputs(cfg)
@@ -205,11 +205,10 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
         if checkpoint is None:
             run_dir.mkdir(parents=True)
         else:
-            import pickle
-
-            resumed_at = int(checkpoint.name.split("_")[1])
+            saved = read_state(checkpoint)
+            resumed_at = saved["step"]
             # Lines a crash left after the checkpoint are cut, so the resumed steps are not duplicated.
-            truncate_logs(run_dir, pickle.loads((checkpoint / "state.pkl").read_bytes())["log_sizes"])
+            truncate_logs(run_dir, saved["log_sizes"])
             console.print(f"Resuming {run_dir} from step {resumed_at} ({checkpoint})", soft_wrap=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
                                                             sort_keys=False))

@@ -82,9 +82,9 @@ def prepare_trainable(model, cfg: Config) -> dict:
                       num_layers=cfg.lora.num_layers, target_modules=cfg.lora.target_modules or None)
 
 
-def batch_logprobs(model, batch: TrainBatch, chunk_size: int) -> mx.array:
+def batch_logprobs(model, batch: TrainBatch, chunk_size: int, return_entropy: bool = False):
     return grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, return_entropy=return_entropy)
 
 
 def reference_logprobs(model, batch: TrainBatch, chunk_size: int, base_params) -> mx.array:
@@ -105,8 +105,7 @@ def make_loss_fn(cfg: Config):
 
     def loss_fn(model, batch: TrainBatch, advantages, old_logprobs, ref_logprobs):
         # The entropy comes almost free from the logits this pass computes anyway.
-        logprobs, entropy = grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
-                                                     chunk_size=g.logprob_chunk_size, return_entropy=True)
+        logprobs, entropy = batch_logprobs(model, batch, g.logprob_chunk_size, return_entropy=True)
         # With one pass (mu = 1) the sampling policy is the current one: ratio == 1, but its
         # gradient is the policy gradient, so the old log-probs are the detached current ones.
         old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
@@ -251,8 +250,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
         scorer.restore_usage(saved["teacher_usage"], saved["teacher_latencies"])
         random.setstate(saved["python_random"])
         np.random.set_state(saved["numpy_random"])
-        first_step = saved_step = saved["step"] + 1
-        saved_step -= 1
+        saved_step = saved["step"]
+        first_step = saved_step + 1
         elapsed_before, nonfinite_run, state.nonfinite_skips = saved["elapsed_s"], saved["nonfinite_run"], saved["nonfinite_skips"]
         state.step = saved["step"]
     completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
@@ -344,7 +343,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                        "reward": (scored_at[0] if scored_at else wait_start + reward_wait) - score_start,
                        "update_actor": update_time, "save_checkpoint": save_time}  # the latest save
             backprop_speed = batch.num_tokens * cfg.grpo.num_iterations / update_time if has_signal else None
-            record = step_record(cfg, step, stats, scored, scorer, rollout, prompts, advantages, optimizer)
+            lengths = np.array([len(c) for c in rollout.completion_tokens])
+            record = step_record(cfg, step, stats, scored, scorer, rollout, lengths, prompts, advantages, optimizer)
             record.update(timing_records(timings, reward_wait, step_time, rollout, batch.num_tokens))
             record["time/elapsed_s"] = time.perf_counter() - start_time
             record["health/nonfinite_skips"] = float(state.nonfinite_skips)
@@ -358,7 +358,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             if backprop_speed is not None:  # a skipped update measured no backprop speed
                 record["Performance/Backprop_TokensPerSec"] = backprop_speed
             record.update(tracker.update(step, record, scored, B, rollout.tokens_per_sec, backprop_speed,
-                                         np.array(rollout.truncated), np.array([len(c) for c in rollout.completion_tokens])))
+                                         np.array(rollout.truncated), lengths))
             busy = rollout.generation_time_s + ref_time + update_time  # seconds MLX computed this step
             record.update(system_stats.snapshot(busy_s=busy, wall_s=step_time))
             health_scalars, warnings = health.update(step, record)
@@ -412,8 +412,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     return state
 
 
-def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, rollout, prompts, advantages,
-                optimizer) -> dict:
+def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, rollout, lengths: np.ndarray, prompts,
+                advantages, optimizer) -> dict:
     """The step's own metrics (everything that needs no history), named as in the seed references."""
     G = cfg.rollout.group_size
     lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
@@ -424,7 +424,7 @@ def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, rol
         "Train/KLPenalty": cfg.grpo.beta * stats["kl"],
         **reward_metrics(scored.rewards, scored.valid, G),
         **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
-        **length_metrics([len(c) for c in rollout.completion_tokens], [len(p) for p in prompts],
+        **length_metrics(lengths.tolist(), [len(p) for p in prompts],
                          rollout.finish_reasons, cfg.rollout.max_new_tokens),
         "actor/update_skipped": float("entropy" not in stats),
         "actor/pg_loss": stats["policy_loss"],
