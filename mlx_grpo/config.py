@@ -64,6 +64,9 @@ class RolloutConfig:
     max_new_tokens: int = opt(80, "Maximum completion length in tokens.")
     temperature: float = opt(0.8, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
+    pipeline: bool = opt(False, "Generate the next batch while the teacher scores this one. That batch then trains one "
+                                "update late, with its importance ratio taken against the policy that sampled it. "
+                                "Pays off when teacher latency is a large part of a step.")
 
 
 @dataclass
@@ -87,6 +90,8 @@ class OptimConfig:
     warmup_steps: int = opt(2, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Cosine decay floor, as a fraction of the peak learning rate.")
     max_grad_norm: float = opt(1.0, "Global gradient-norm clip (0 = off).")
+    compile: bool = opt(False, "mx.compile the loss and gradient; lengths are padded to multiples of 32 so few shapes "
+                               "recompile. Helps most on Metal; on CPU each new shape costs a g++ build.")
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step; the B*G completions are split evenly among them.")
 
 

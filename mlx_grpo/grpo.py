@@ -270,12 +270,19 @@ def grpo_loss(
     ratio = mx.exp(logprobs - old)
     clipped = mx.clip(ratio, 1 - eps_low, 1 + eps_high)
     objective = mx.minimum(ratio * adv, clipped * adv)
-    per_token = -objective
-
-    if beta > 0 and ref is not None:
-        per_token = per_token + beta * k3_kl(logprobs, ref)
-
-    loss = _aggregate(per_token, mask, loss_type, max_len)
+    # Every aggregation is linear, so the loss splits into the policy term and the KL term.
+    policy_loss = _aggregate(-objective, mask, loss_type, max_len)
+    loss = policy_loss
+    kl_mean = mx.array(0.0)  # token mean of k3 against the reference, a statistic
+    if ref is not None:
+        k3 = k3_kl(logprobs, ref)
+        kl_term = _aggregate(k3, mask, loss_type, max_len)
+        # With a token-mean loss the statistic *is* the loss term: reuse that node. Under
+        # mx.compile, two equal subgraphs where one is detached get merged and the compiled
+        # backward pass then fails (the same goes for policy_loss below).
+        kl_mean = kl_term if loss_type in ("bnpo", "dapo") else masked_mean(k3, mask)
+        if beta > 0:
+            loss = loss + beta * kl_term
 
     # Statistics: no gradient flows through them.
     sg = mx.stop_gradient
@@ -284,11 +291,11 @@ def grpo_loss(
     # with A < 0, or above 1 + eps_high with A > 0 (same as TRL).
     low = ((r < 1 - eps_low) & (adv < 0)).astype(mx.float32)
     high = ((r > 1 + eps_high) & (adv > 0)).astype(mx.float32)
-    kl_stat = mx.array(0.0) if ref is None else masked_mean(sg(k3_kl(logprobs, ref)), mask)
+
     log_ratio = sg(logprobs - old)
     stats = {
-        "policy_loss": _aggregate(sg(-objective), mask, loss_type, max_len),
-        "kl": kl_stat,
+        "policy_loss": sg(policy_loss),
+        "kl": sg(kl_mean),
         # How far this update moved from the sampling policy (k3 estimate of KL(new || old)).
         "ppo_kl": masked_mean(sg(k3_kl(logprobs, old)), mask),
         "clip_frac_low": masked_mean(low, mask),

@@ -112,10 +112,17 @@ class TrainBatch:
         return TrainBatch(self.tokens, self.prompt_lengths, mask, self.num_tokens)
 
 
-def to_train_batch(rollout: Rollout, mask_truncated: bool = False) -> TrainBatch:
-    """Concatenate each prompt with its sampled ids (never re-tokenised text) into one array."""
-    completion_len = max(1, max(len(c) for c in rollout.completion_tokens))
-    total_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens))
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def to_train_batch(rollout: Rollout, mask_truncated: bool = False, pad_to: int = 1) -> TrainBatch:
+    """Concatenate each prompt with its sampled ids (never re-tokenised text) into one array.
+
+    pad_to: round both lengths up to a multiple of it, so a compiled step sees few shapes.
+    """
+    completion_len = _round_up(max(1, max(len(c) for c in rollout.completion_tokens)), pad_to)
+    total_len = _round_up(max(len(p) + len(c) for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens)), pad_to)
     tokens, mask = [], []
     for prompt, completion, truncated in zip(rollout.prompt_tokens, rollout.completion_tokens, rollout.truncated):
         row = prompt + completion

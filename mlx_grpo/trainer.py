@@ -38,6 +38,8 @@ from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
 NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ppo_kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0,
                    "ratio_mean": 1.0, "ratio_std": 0.0, "ratio_p95": 1.0, "log_ratio_mean": 0.0,
                    "log_ratio_std": 0.0, "outside_clip_frac": 0.0}
+# Under optim.compile, lengths are padded to multiples of this: every new shape is a new compile.
+COMPILE_BUCKET = 32
 # Log files in the run directory that a resume truncates back to the checkpoint.
 LOG_FILES = ("metrics.jsonl", "batch_metrics.jsonl", "learning.log", "completions.jsonl", "reward_breakdown.jsonl")
 # reward_breakdown.jsonl: one compact line per completion, every step.
@@ -116,6 +118,33 @@ def make_loss_fn(cfg: Config):
         return loss, stats
 
     return loss_fn
+
+
+def make_grad_fn(model, cfg: Config):
+    """(model, batch, advantages, old, ref) -> ((loss, stats), grads), compiled when optim.compile is set.
+
+    The compiled step takes the model's state (and the random state, for LoRA dropout) as implicit
+    inputs and outputs: the weights are then real inputs of the graph rather than constants baked
+    into it, which is what keeps LoRA gradients from silently coming out as zero.
+    """
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(cfg))
+    if not cfg.optim.compile:
+        return loss_and_grad
+    use_old, use_ref = cfg.grpo.num_iterations > 1, cfg.grpo.beta > 0
+    state = [model.state, mx.random.state]
+
+    def step(tokens, prompt_lengths, mask, advantages, old, ref):
+        batch = TrainBatch(tokens, prompt_lengths, mask, 0)
+        return loss_and_grad(model, batch, advantages, old if use_old else None, ref if use_ref else None)
+
+    compiled = mx.compile(step, inputs=state, outputs=state)
+    unused = mx.zeros((1,))  # compile takes arrays only: a placeholder for the log-probs a run does not need
+
+    def grad_fn(model, batch: TrainBatch, advantages, old, ref):
+        return compiled(batch.tokens, batch.prompt_lengths, batch.mask, advantages,
+                        unused if old is None else old, unused if ref is None else ref)
+
+    return grad_fn
 
 
 def micro_batches(cfg: Config, batch: TrainBatch) -> list[tuple[int, int]]:
@@ -227,7 +256,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     if cfg.grpo.beta > 0 and not has_lora(model):
         base_params = tree_map(lambda p: mx.array(p), model.trainable_parameters())
     optimizer = build_optimizer(cfg)
-    loss_and_grad = nn.value_and_grad(model, make_loss_fn(cfg))
+    loss_and_grad = make_grad_fn(model, cfg)
     sampler = PromptSampler(items, seed=cfg.train.seed)
     eos_ids = set(tokenizer.eos_token_ids)
     B, G = cfg.rollout.batch_size, cfg.rollout.group_size
@@ -299,7 +328,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
 
             # 3. Meanwhile: the train batch and the log-probs the update needs that do not depend on rewards.
             ref_start = time.perf_counter()
-            batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated)
+            batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated,
+                                   pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
             old_logprobs, ref_logprobs = frozen_logprobs(model, cfg, batch, base_params)
             ref_time = time.perf_counter() - ref_start
             wait_start = time.perf_counter()
