@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 
@@ -24,6 +25,10 @@ class Rollout:
     finish_reasons: list[str]            # "stop" (EOS) or "length" (hit max_new_tokens)
     prefill_time_s: float
     generation_time_s: float
+    # log p(token) of each sampled token under the sampling model, from the raw logits (before
+    # temperature and top-p), aligned with completion_tokens. Computed in the model's dtype, so
+    # only about 3 significant digits for a bfloat16 model.
+    logprobs: list[list[float]] | None = None
 
     @property
     def num_generated_tokens(self) -> int:
@@ -38,6 +43,16 @@ class Rollout:
         return [reason == "length" for reason in self.finish_reasons]
 
 
+def _prefill(model, prompt: list[int]) -> list:
+    """A KV cache holding all but the last prompt token: BatchGenerator feeds the last one itself,
+    as the first decode step, so a row inserted with this cache goes straight to decoding."""
+    cache = make_prompt_cache(model)
+    if len(prompt) > 1:
+        model(mx.array(prompt[:-1])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
 def generate_rollout(
     model,
     prompts: list[list[int]],
@@ -47,8 +62,13 @@ def generate_rollout(
     eos_token_ids: set[int] | list[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
+    share_prefill: bool = True,
 ) -> Rollout:
-    """Sample `group_size` completions for each prompt, all rows decoded in one batch."""
+    """Sample `group_size` completions for each prompt, all rows decoded in one batch.
+
+    share_prefill: run each distinct prompt through the model once and start its G rows from
+    that one KV cache, instead of prefilling the same prompt G times.
+    """
     rows = [list(p) for p in prompts for _ in range(group_size)]
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
     generator = BatchGenerator(
@@ -63,10 +83,21 @@ def generate_rollout(
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
     try:
-        uids = generator.insert(rows, [max_new_tokens] * len(rows))
-        completions = {uid: [] for uid in uids}
-        reasons: dict[int, str] = {}
         start = time.perf_counter()
+        if share_prefill:
+            caches: dict[tuple[int, ...], list] = {}
+            for p in prompts:
+                if tuple(p) not in caches:
+                    caches[tuple(p)] = _prefill(model, list(p))
+            # Rows of a group may share one cache object: the generator merges the row caches into
+            # a fresh batch cache and never writes to the ones passed in.
+            uids = generator.insert([r[-1:] for r in rows], [max_new_tokens] * len(rows),
+                                    caches=[caches[tuple(r)] for r in rows])
+        else:
+            uids = generator.insert(rows, [max_new_tokens] * len(rows))
+        completions = {uid: [] for uid in uids}
+        picked: list[tuple[list[int], mx.array]] = []
+        reasons: dict[int, str] = {}
         first_token_at = None
         while responses := generator.next_generated():
             if first_token_at is None:
@@ -75,10 +106,20 @@ def generate_rollout(
                 completions[r.uid].append(r.token)
                 if r.finish_reason is not None:
                     reasons[r.uid] = "stop" if r.finish_reason == "stop" else "length"
+            # Each response carries the full-vocabulary log-softmax row; keep only the sampled
+            # entry. async_eval lets the vocab-sized rows be freed without stalling the decoder.
+            step = mx.stack([r.logprobs[r.token] for r in responses]).astype(mx.float32)
+            mx.async_eval(step)
+            picked.append(([r.uid for r in responses], step))
         end = time.perf_counter()
     finally:
         generator.close()
         model.train(was_training)
+    logprobs = {uid: [] for uid in uids}
+    if picked:
+        values = mx.concatenate([s for _, s in picked]).tolist()
+        for uid, value in zip((u for us, _ in picked for u in us), values):
+            logprobs[uid].append(value)
     mx.clear_cache()
     first_token_at = first_token_at or end
     return Rollout(
@@ -87,6 +128,7 @@ def generate_rollout(
         finish_reasons=[reasons.get(u, "length") for u in uids],
         prefill_time_s=first_token_at - start,
         generation_time_s=end - start,
+        logprobs=[logprobs[u] for u in uids],
     )
 
 
