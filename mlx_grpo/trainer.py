@@ -10,6 +10,7 @@ import json
 import math
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from mlx_grpo.metrics.system import SystemSampler
 from mlx_grpo.metrics.tracker import MetricsTracker
 from mlx_grpo.models import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
-from mlx_grpo.rollout import TrainBatch, generate_rollout, to_train_batch
+from mlx_grpo.rollout import Rollout, TrainBatch, generate_rollout, to_train_batch
 
 
 # What a skipped update reports: no loss, no movement, ratios of exactly 1 (and no entropy measured).
@@ -57,6 +58,14 @@ class TrainState:
     stop_reason: str | None = None  # set when training ended before cfg.train.steps (e.g. budget spent)
     summary: list[list] = field(default_factory=list)  # per-criterion [name, mean, std, min, max, samples]
     nonfinite_skips: int = 0  # updates skipped for a NaN/inf loss or gradient
+
+
+def phase_peak_gb() -> float:
+    """Peak MLX memory in GiB (as the System/*_GB tags) since the previous call, which starts the
+    next phase's measurement."""
+    peak = mx.get_peak_memory() / 1024**3
+    mx.reset_peak_memory()
+    return peak
 
 
 def seed_everything(seed: int) -> None:
@@ -153,15 +162,22 @@ def micro_batches(cfg: Config, batch: TrainBatch) -> list[tuple[int, int]]:
     return [(i, i + size) for i in range(0, batch.tokens.shape[0], size)]
 
 
-def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params) -> tuple[list, list]:
+def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params, sampled=None) -> tuple[list, list]:
     """Old-policy and reference log-probs per micro-batch, fixed before the update starts.
 
     They depend only on the sampled tokens, so the trainer computes them while the teacher scores.
+    sampled: (N, C) log-probs recorded while sampling, for a batch that an earlier policy sampled
+    (rollout.pipeline); they are then the old policy, whatever num_iterations is.
     """
     g, chunk = cfg.grpo, cfg.grpo.logprob_chunk_size
-    parts = [batch.rows(a, b) for a, b in micro_batches(cfg, batch)]
-    # Old-policy log-probs are only needed when the weights move between passes.
-    old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in parts] if g.num_iterations > 1 else [None] * len(parts)
+    ranges = micro_batches(cfg, batch)
+    parts = [batch.rows(a, b) for a, b in ranges]
+    if sampled is not None:
+        old = [sampled[a:b] for a, b in ranges]
+    elif g.num_iterations > 1:  # only needed when the weights move between passes
+        old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in parts]
+    else:
+        old = [None] * len(parts)
     ref = [reference_logprobs(model, m, chunk, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
     mx.eval(old, ref)
     return old, ref
@@ -199,6 +215,49 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
     model.eval()
     totals["grad_norm"] = grad_norm.item()
     return totals
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout whose scoring runs in the background."""
+    samples: list[dict]
+    prompts: list[list[int]]
+    rollout: Rollout
+    texts: list[str]
+    group_samples: list[dict]
+    scoring: Future
+    score_start: float
+    scored_at: list[float]  # filled in when scoring finishes
+    late: bool = False  # sampled before the previous update (rollout.pipeline): train it off-policy
+
+
+def sample_and_score(step: int, cfg: Config, model, tokenizer, samples: list[dict], scorer: Scorer,
+                     late: bool = False) -> ScoredRollout:
+    """Generate G completions per prompt and submit them for scoring (checks in threads, teacher
+    requests concurrently). Text is decoded for the rubric only; training uses the sampled ids."""
+    # Each step's sampling randomness depends only on (seed, step), so a resumed run draws
+    # exactly what the uninterrupted run drew.
+    mx.random.seed(cfg.train.seed * 1_000_003 + step)
+    G, eos_ids = cfg.rollout.group_size, set(tokenizer.eos_token_ids)
+    prompts = [build_prompt_tokens(tokenizer, s, cfg.data.system_prompt or None) for s in samples]
+    rollout = generate_rollout(model, prompts, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
+                               eos_token_ids=eos_ids, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    return submit_scoring(cfg, tokenizer, samples, prompts, rollout, scorer, late)
+
+
+def submit_scoring(cfg: Config, tokenizer, samples, prompts, rollout: Rollout, scorer: Scorer, late: bool) -> ScoredRollout:
+    G, eos_ids = cfg.rollout.group_size, set(tokenizer.eos_token_ids)
+    texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
+    group_samples = [s for s in samples for _ in range(G)]
+    scoring = scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
+    scored_at: list[float] = []
+    scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
+    return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, time.perf_counter(), scored_at, late)
+
+
+def sampled_logprobs(rollout: Rollout, width: int) -> mx.array:
+    """(N, width) log-probs recorded while sampling, right-padded with 0 like the train batch's mask."""
+    return mx.array([lp + [0.0] * (width - len(lp)) for lp in rollout.logprobs], dtype=mx.float32)
 
 
 def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub, step: int, notify) -> None:
@@ -258,9 +317,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     optimizer = build_optimizer(cfg)
     loss_and_grad = make_grad_fn(model, cfg)
     sampler = PromptSampler(items, seed=cfg.train.seed)
-    eos_ids = set(tokenizer.eos_token_ids)
     B, G = cfg.rollout.batch_size, cfg.rollout.group_size
-    system = cfg.data.system_prompt or None
     state = TrainState()
     prompts_per_epoch = cfg.data.epoch_size or len(items)
     tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G, prompts_per_epoch=prompts_per_epoch,
@@ -271,6 +328,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10, warmup_steps=cfg.optim.warmup_steps))
     system_stats = SystemSampler(cfg.logging.system_interval_s).start()
     first_step, elapsed_before, nonfinite_run, saved_step, save_time = 1, 0.0, 0, 0, 0.0
+    upcoming: ScoredRollout | None = None  # rollout.pipeline: the next step's batch, sampled early
     run_complete = False  # the last step (or the budget's) is done: time for the final summary
     if resume is not None:
         saved = load_checkpoint(resume, model, optimizer)
@@ -283,6 +341,9 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
         first_step = saved_step + 1
         elapsed_before, nonfinite_run, state.nonfinite_skips = saved["elapsed_s"], saved["nonfinite_run"], saved["nonfinite_skips"]
         state.step = saved["step"]
+        if saved.get("upcoming"):  # sampled before the checkpoint; its scoring is redone
+            up = saved["upcoming"]
+            upcoming = submit_scoring(cfg, tokenizer, up["samples"], up["prompts"], up["rollout"], scorer, late=True)
     completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
     breakdown_log = open(run_dir / "reward_breakdown.jsonl", "a", encoding="utf-8")
     start_time = time.perf_counter() - elapsed_before
@@ -298,42 +359,43 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             "elapsed_s": time.perf_counter() - start_time, "nonfinite_run": nonfinite_run,
             "nonfinite_skips": state.nonfinite_skips, "rubric_version": scorer.rubric.version,
             "teacher_cache": str(scorer.cache.path) if scorer.cache is not None else None,
+            "upcoming": None if upcoming is None else {
+                "samples": upcoming.samples, "prompts": upcoming.prompts, "rollout": upcoming.rollout},
             "log_sizes": log_sizes([run_dir / name for name in LOG_FILES])})
         return time.perf_counter() - begin
 
     try:
         for step in range(first_step, cfg.train.steps + 1):
             step_start = time.perf_counter()
-            # Each step's sampling randomness depends only on (seed, step), so a resumed run
-            # draws exactly what the uninterrupted run drew.
-            mx.random.seed(cfg.train.seed * 1_000_003 + step)
+            phase_peak_gb()  # each phase's peak memory is measured from here
             reload_rubric(watcher, scorer, hub, step, notify)
             usage_before = scorer.usage
 
-            # 1. Rollout: B prompts x G samples, all decoded together.
-            samples = sampler.next_batch(B)
-            prompts = [build_prompt_tokens(tokenizer, s, system) for s in samples]
-            rollout = generate_rollout(model, prompts, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
-                                       eos_token_ids=eos_ids, temperature=cfg.rollout.temperature,
-                                       top_p=cfg.rollout.top_p)
+            # 1-2. Rollout: B prompts x G samples, all decoded together, then scored in the
+            # background. With rollout.pipeline this batch was sampled during the previous step.
+            if upcoming is None:
+                current = sample_and_score(step, cfg, model, tokenizer, sampler.next_batch(B), scorer)
+            else:
+                current, upcoming = upcoming, None
+            rollout, samples, prompts = current.rollout, current.samples, current.prompts
+            texts, group_samples = current.texts, current.group_samples
+            gen_time = rollout.generation_time_s if not current.late else 0.0  # this step's sampling
 
-            # 2. Score in the background (checks in threads, teacher requests concurrently);
-            # text is decoded for the rubric only, training uses the sampled ids.
-            texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
-            group_samples = [s for s in samples for _ in range(G)]
-            score_start = time.perf_counter()
-            scoring = scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
-            scored_at = []
-            scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
-
-            # 3. Meanwhile: the train batch and the log-probs the update needs that do not depend on rewards.
-            ref_start = time.perf_counter()
+            # 3. Meanwhile: the train batch and the log-probs the update needs that do not depend on
+            # rewards, and (pipeline) the next batch, sampled by the weights before this update.
+            if cfg.rollout.pipeline and step < cfg.train.steps:
+                upcoming = sample_and_score(step + 1, cfg, model, tokenizer, sampler.next_batch(B), scorer, late=True)
+                gen_time += upcoming.rollout.generation_time_s
+            peaks = {"rollout": phase_peak_gb()}
             batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated,
                                    pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
-            old_logprobs, ref_logprobs = frozen_logprobs(model, cfg, batch, base_params)
+            ref_start = time.perf_counter()
+            sampled = sampled_logprobs(rollout, batch.mask.shape[1]) if current.late else None
+            old_logprobs, ref_logprobs = frozen_logprobs(model, cfg, batch, base_params, sampled)
             ref_time = time.perf_counter() - ref_start
+            peaks["logprobs"] = phase_peak_gb()
             wait_start = time.perf_counter()
-            scored = scoring.result()
+            scored = current.scoring.result()
             reward_wait = time.perf_counter() - wait_start
             scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
 
@@ -353,6 +415,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, old_logprobs,
                                   ref_logprobs) if has_signal else dict(NO_UPDATE_STATS)
             update_time = time.perf_counter() - update_start
+            peaks["update"] = phase_peak_gb()
 
             if stats.get("nonfinite"):
                 nonfinite_run += 1
@@ -369,8 +432,9 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             # 6. Log one record.
             state.step = step
             step_time = time.perf_counter() - step_start
-            timings = {"gen": rollout.generation_time_s, "ref": ref_time, "adv": adv_time,
-                       "reward": (scored_at[0] if scored_at else wait_start + reward_wait) - score_start,
+            timings = {"gen": gen_time, "ref": ref_time, "adv": adv_time,
+                       "reward": (current.scored_at[0] if current.scored_at else wait_start + reward_wait)
+                       - current.score_start,
                        "update_actor": update_time, "save_checkpoint": save_time}  # the latest save
             backprop_speed = batch.num_tokens * cfg.grpo.num_iterations / update_time if has_signal else None
             lengths = np.array([len(c) for c in rollout.completion_tokens])
@@ -389,8 +453,10 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                 record["Performance/Backprop_TokensPerSec"] = backprop_speed
             record.update(tracker.update(step, record, scored, B, rollout.tokens_per_sec, backprop_speed,
                                          np.array(rollout.truncated), lengths))
-            busy = rollout.generation_time_s + ref_time + update_time  # seconds MLX computed this step
+            busy = gen_time + ref_time + update_time  # seconds MLX computed this step
             record.update(system_stats.snapshot(busy_s=busy, wall_s=step_time))
+            record.update({f"memory/peak_{phase}_gb": gb for phase, gb in peaks.items()})
+            record["System/GPU_Memory_Peak_GB"] = max(peaks.values())  # this step's peak (reset per phase)
             health_scalars, warnings = health.update(step, record)
             record.update(health_scalars)
             spent = scorer.budget_exhausted()

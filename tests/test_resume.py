@@ -126,6 +126,42 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(reference, tmp_path)
         assert mx.array_equal(got["adapters"][name], value), name
 
 
+def test_pipelined_run_trains_off_policy_and_resumes_exactly(reference, tmp_path):
+    """rollout.pipeline: batch k+1 is sampled before update k, so from step 2 on its ratio is taken
+    against the policy that sampled it (not 1); a Ctrl-C and resume still ends bit-identical."""
+    _, rubric = reference
+    pipelined = ("--rollout.pipeline", "true")
+    whole = tmp_path / "whole"
+    subprocess.run(train_cmd(whole, rubric, *pipelined), check=True, capture_output=True, timeout=300)
+    expected = outputs(whole)
+    metrics = [json.loads(line) for line in (whole / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["actor/is_ratio/mean"] == 1.0  # step 1 was sampled by the current policy
+    # Later batches were sampled before the previous update moved the weights: their ratios
+    # spread well beyond the ~1e-6 that sampling and training numerics alone would give.
+    assert max(m["actor/is_log_ratio/std"] for m in metrics[1:]) > 1e-3
+
+    out = tmp_path / "logs"
+    proc = subprocess.Popen(train_cmd(out, rubric, *pipelined), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = out / "runs" / "r" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    assert len(log.read_text().splitlines()) < STEPS
+    done = subprocess.run(train_cmd(out, rubric, *pipelined, "--resume", "latest"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = outputs(out)
+    assert got["steps"] == list(range(1, STEPS + 1)) and got["loss"] == expected["loss"]
+    assert got["reward"] == expected["reward"]
+    for name, value in expected["adapters"].items():
+        assert mx.array_equal(got["adapters"][name], value), name
+
+
 def test_resume_latest_and_missing_checkpoint_errors(tmp_path, capsys):
     from mlx_grpo.cli import train_main
 
