@@ -80,6 +80,8 @@ class GRPOConfig:
                              ("group", "batch", "none"))
     num_iterations: int = opt(1, "Optimisation passes (mu) over each generated batch.")
     mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
+    share_prompt_pass: bool = opt(True, "Run each group's prompt through the model once in the log-prob and update passes, "
+                                        "its G completions attending to that one copy (false: every row in full).")
     logprob_chunk_size: int = opt(64, "Completion positions per chunk when computing log-probs (bounds the logits memory).")
 
 

@@ -93,20 +93,25 @@ def prepare_trainable(model, cfg: Config) -> dict:
                       num_layers=cfg.lora.num_layers, target_modules=cfg.lora.target_modules or None)
 
 
-def batch_logprobs(model, batch: TrainBatch, chunk_size: int, return_entropy: bool = False):
+def batch_logprobs(model, batch: TrainBatch, cfg: Config, return_entropy: bool = False):
+    rows, G = batch.tokens.shape[0], cfg.rollout.group_size
+    # Rows come in whole groups that share a prompt: run each prompt once (not under compile,
+    # which would need the prompt lengths as constants).
+    shared = cfg.grpo.share_prompt_pass and not cfg.optim.compile and G > 1 and rows % G == 0
     return grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
-                                    chunk_size=chunk_size, return_entropy=return_entropy)
+                                    chunk_size=cfg.grpo.logprob_chunk_size, return_entropy=return_entropy,
+                                    group_size=G if shared else 1)
 
 
-def reference_logprobs(model, batch: TrainBatch, chunk_size: int, base_params) -> mx.array:
+def reference_logprobs(model, batch: TrainBatch, cfg: Config, base_params) -> mx.array:
     """Log-probs under the reference policy: the base model, without a second copy for LoRA."""
     if has_lora(model):
         with adapters_disabled(model):
-            return mx.stop_gradient(batch_logprobs(model, batch, chunk_size))
+            return mx.stop_gradient(batch_logprobs(model, batch, cfg))
     current = model.trainable_parameters()
     model.update(base_params)  # full fine-tune: swap the frozen initial weights in and back
     try:
-        return mx.stop_gradient(batch_logprobs(model, batch, chunk_size))
+        return mx.stop_gradient(batch_logprobs(model, batch, cfg))
     finally:
         model.update(current)
 
@@ -116,7 +121,7 @@ def make_loss_fn(cfg: Config):
 
     def loss_fn(model, batch: TrainBatch, advantages, old_logprobs, ref_logprobs):
         # The entropy comes almost free from the logits this pass computes anyway.
-        logprobs, entropy = batch_logprobs(model, batch, g.logprob_chunk_size, return_entropy=True)
+        logprobs, entropy = batch_logprobs(model, batch, cfg, return_entropy=True)
         # With one pass (mu = 1) the sampling policy is the current one: ratio == 1, but its
         # gradient is the policy gradient, so the old log-probs are the detached current ones.
         old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
@@ -169,16 +174,16 @@ def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params, sampled=
     sampled: (N, C) log-probs recorded while sampling, for a batch that an earlier policy sampled
     (rollout.pipeline); they are then the old policy, whatever num_iterations is.
     """
-    g, chunk = cfg.grpo, cfg.grpo.logprob_chunk_size
+    g = cfg.grpo
     ranges = micro_batches(cfg, batch)
     parts = [batch.rows(a, b) for a, b in ranges]
     if sampled is not None:
         old = [sampled[a:b] for a, b in ranges]
     elif g.num_iterations > 1:  # only needed when the weights move between passes
-        old = [mx.stop_gradient(batch_logprobs(model, m, chunk)) for m in parts]
+        old = [mx.stop_gradient(batch_logprobs(model, m, cfg)) for m in parts]
     else:
         old = [None] * len(parts)
-    ref = [reference_logprobs(model, m, chunk, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
+    ref = [reference_logprobs(model, m, cfg, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
     mx.eval(old, ref)
     return old, ref
 

@@ -346,3 +346,71 @@ def test_completion_logprobs_memory_is_below_full_logits():
     grad_peak = peak(lambda: nn.value_and_grad(model, chunked)(model))
     naive_peak = peak(lambda: nn.value_and_grad(model, naive)(model))
     assert grad_peak < 0.6 * naive_peak
+
+
+# ---------------------------------------------------------------------------------------------
+# One prompt pass per group against one per row
+
+
+def _grouped_batch(prompt_lens, completion_lens, group_size, vocab=256, seed=3):
+    """Group-contiguous rows: each group's prompt repeated, completions of their own lengths."""
+    rng = np.random.default_rng(seed)
+    rows, plens = [], []
+    for g, p in enumerate(prompt_lens):
+        prompt = rng.integers(1, vocab, p).tolist()
+        for i in range(group_size):
+            rows.append(prompt + rng.integers(1, vocab, completion_lens[g * group_size + i]).tolist())
+            plens.append(p)
+    t = max(map(len, rows))
+    c = max(completion_lens)
+    tokens = mx.array([r + [0] * (t - len(r)) for r in rows], dtype=mx.int32)
+    mask = np.array([[1.0 if j < n else 0.0 for j in range(c)] for n in completion_lens], dtype=np.float32)
+    return tokens, mx.array(plens, dtype=mx.int32), c, mx.array(mask)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_shared_prompt_pass_matches_per_row_values_and_gradients(tie):
+    model = make_tiny_model(tie=tie)
+    G = 3
+    # Prompts of 7, 1 and 4 tokens; completions of 1 to 6 tokens, so padding differs by group
+    # and the longest completion's group is not the longest prompt's.
+    tokens, plens, c, mask = _grouped_batch([7, 1, 4], [2, 6, 1, 5, 3, 1, 4, 4, 2], G)
+    w = mx.array(np.random.default_rng(0).normal(size=mask.shape), dtype=mx.float32) * mask
+
+    def loss(group_size):
+        def fn(m):
+            lp, ent = completion_logprobs(m, tokens, plens, c, chunk_size=4, return_entropy=True, group_size=group_size)
+            return (lp * w).sum(), (lp, ent)
+        return fn
+
+    (v1, (lp1, ent1)), g1 = nn.value_and_grad(model, loss(1))(model)
+    (v2, (lp2, ent2)), g2 = nn.value_and_grad(model, loss(G))(model)
+    m = np.array(mask) > 0
+    close(np.array(lp2)[m], np.array(lp1)[m], atol=1e-5)
+    close(np.array(ent2)[m], np.array(ent1)[m], atol=1e-4)
+    assert v2.item() == pytest.approx(v1.item(), abs=1e-4)
+    f1, f2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert f1.keys() == f2.keys()
+    for k in f1:
+        close(f2[k], f1[k], atol=1e-5)
+    # The attention weights see the prompt only through the shared pass: their gradient is real.
+    assert np.abs(np.array(f2["model.layers.0.self_attn.k_proj.weight"])).max() > 0
+
+
+def test_trainer_uses_the_shared_prompt_pass_only_on_whole_groups(tiny_model):
+    from mlx_grpo.config import load_config
+    from mlx_grpo.rollout import TrainBatch
+    from mlx_grpo.trainer import batch_logprobs
+
+    tokens, plens, c, mask = _grouped_batch([5, 2], [3, 1, 2, 4], 2)
+    batch = TrainBatch(tokens, plens, mask, 0)
+    m = np.array(mask) > 0
+    results = {}
+    for share in (True, False):
+        cfg = load_config(None, {"rollout.group_size": 2, "grpo.share_prompt_pass": share})
+        results[share] = np.array(batch_logprobs(tiny_model, batch, cfg))
+    close(results[True][m], results[False][m], atol=1e-5)
+    # A micro-batch that splits a group falls back to full rows instead of mixing prompts.
+    cfg = load_config(None, {"rollout.group_size": 4})
+    odd = batch.rows(0, 2)
+    close(np.array(batch_logprobs(tiny_model, odd, cfg))[m[:2]], results[False][:2][m[:2]], atol=1e-5)
