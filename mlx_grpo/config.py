@@ -92,6 +92,8 @@ class OptimConfig:
     warmup_steps: int = opt(2, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Cosine decay floor, as a fraction of the peak learning rate.")
     max_grad_norm: float = opt(1.0, "Global gradient-norm clip (0 = off).")
+    grad_checkpoint: bool = opt(False, "Recompute each transformer block's activations in the backward pass instead of "
+                                       "keeping them: much less memory in the update for about a third more update time.")
     compile: bool = opt(False, "mx.compile the loss and gradient; lengths are padded to multiples of 32 so few shapes "
                                "recompile. Helps most on Metal; on CPU each new shape costs a g++ build.")
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step; the B*G completions are split evenly among them.")

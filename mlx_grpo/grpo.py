@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
+
+from mlx_grpo.forward import shared_prompt_hidden
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -135,52 +136,6 @@ def _output_head(model: nn.Module) -> tuple[nn.Module, callable]:
     return embed, embed.as_linear
 
 
-class _PromptKV:
-    """One layer's keys and values of a prompt, run once, that its G completion rows attend to.
-
-    It speaks mlx-lm's cache protocol (offset, update_and_fetch, make_mask) so that the model's
-    own attention code runs unchanged, but it keeps no state beyond the prompt and copies nothing
-    in place, so gradients flow back through the shared prompt pass.
-    """
-
-    def __init__(self, rows: int):
-        self.rows, self.keys, self.values, self.offset = rows, None, None, 0
-
-    def update_and_fetch(self, keys, values):
-        if self.keys is None:  # the prompt's own pass
-            self.keys, self.values, self.offset = keys, values, keys.shape[2]
-            return keys, values
-        # The completions' pass: every row attends to the same prompt.
-        shape = (self.rows, *self.keys.shape[1:])
-        return (mx.concatenate([mx.broadcast_to(self.keys, shape), keys], axis=2),
-                mx.concatenate([mx.broadcast_to(self.values, shape), values], axis=2))
-
-    def make_mask(self, n: int, return_array: bool = False, window_size=None):
-        return create_causal_mask(n, offset=self.offset, window_size=window_size)
-
-
-def _shared_prompt_hidden(model: nn.Module, tokens: mx.array, prompt_lengths: list[int], c: int,
-                          group_size: int) -> mx.array:
-    """(N, C, H) hidden states that predict the C completion tokens, running each group's prompt
-    through the model once instead of once per row. Rows are group-contiguous and share a prompt."""
-    n, t = tokens.shape
-    parts = []
-    for start in range(0, n, group_size):
-        p = prompt_lengths[start]
-        caches = [_PromptKV(group_size) for _ in model.model.layers]
-        last = model.model(tokens[start:start + 1, :p], cache=caches)[:, -1:]  # predicts completion token 0
-        last = mx.broadcast_to(last, (group_size, 1, last.shape[-1]))
-        if c == 1:
-            parts.append(last)
-            continue
-        # Completion tokens 0 .. C-2 predict tokens 1 .. C-1 (zero-padded where a row is shorter).
-        comp = tokens[start:start + group_size, p:p + c - 1]
-        if comp.shape[1] < c - 1:
-            comp = mx.pad(comp, [(0, 0), (0, c - 1 - comp.shape[1])])
-        parts.append(mx.concatenate([last, model.model(comp, cache=caches)], axis=1))
-    return mx.concatenate(parts, axis=0)
-
-
 def completion_logprobs(
     model: nn.Module,
     tokens: mx.array,
@@ -217,7 +172,7 @@ def completion_logprobs(
     targets = mx.take_along_axis(tokens, tgt_pos, axis=1)
 
     if group_size > 1:
-        hidden = _shared_prompt_hidden(model, tokens, prompt_lengths.tolist(), c, group_size)
+        hidden = shared_prompt_hidden(model, tokens, prompt_lengths.tolist(), c, group_size)
     else:
         hidden = model.model(tokens)  # (N, T, H), final-normed
         hidden = mx.take_along_axis(hidden, src[..., None], axis=1)  # (N, C, H)

@@ -24,6 +24,7 @@ from mlx_grpo import grpo
 from mlx_grpo.checkpoint import load_checkpoint, log_sizes, save_checkpoint
 from mlx_grpo.config import Config
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
+from mlx_grpo.forward import checkpoint_blocks
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
 from mlx_grpo.metrics.record import (criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
@@ -87,6 +88,8 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
 
 def prepare_trainable(model, cfg: Config) -> dict:
     """Attach LoRA adapters (or unfreeze everything) and return the adapter_config to save."""
+    if cfg.optim.grad_checkpoint:
+        checkpoint_blocks(model)
     if cfg.lora.fine_tune_type == "full":
         return prepare_full_finetune(model)
     return apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
