@@ -4,7 +4,8 @@ log-prob pass and the memory that computing log-probs in chunks saves.
 
     uv run python scripts/bench_backprop.py [--quick] [--batch-size 2 --group-size 4 --completion 64]
 
-MFU = 6 x (parameters on the gradient path) x tokens/s / matmul peak. With LoRA on every layer the
+MFU = 6 x (parameters on the gradient path) x positions computed per second / matmul peak, where a
+prompt shared by its group counts once. With LoRA on every layer the
 gradient path is the whole network, as in the usual 6N rule; frozen weights get no weight gradient,
 so the work actually done is nearer 4N and this MFU is an upper bound on the true utilisation.
 """
@@ -35,6 +36,12 @@ def gradient_path_params(model, num_layers: int) -> int:
     count = sum(v.size for layer in layers[first:] for _, v in tree_flatten(layer.parameters()))
     args = model.args
     return count + args.vocab_size * args.hidden_size
+
+
+def computed_tokens(rollout, prompt_shared_by: int) -> int:
+    """Positions the forward pass runs: each prompt once per `prompt_shared_by` rows, every completion."""
+    prompts = sum(len(p) for p in rollout.prompt_tokens[::prompt_shared_by])
+    return prompts + sum(len(c) for c in rollout.completion_tokens)
 
 
 def fixed_batch(tokenizer, batch_size: int, group_size: int, completion: int, seed: int = 0):
@@ -76,7 +83,7 @@ def time_logprobs(model, batch, cfg, repeats: int) -> tuple[float, float]:
 
 def run(quick: bool, batch_size: int, group_size: int, completion: int, model_path: str = DEFAULT_MODEL) -> list[dict]:
     info = machine()
-    repeats = 2 if quick else 4
+    repeats = 1 if quick else 3
     peak_gflops = matmul_peak_gflops(quick)
     model, tokenizer, _ = load_bench_model(model_path)
     overrides = {"rollout.batch_size": batch_size, "rollout.group_size": group_size,
@@ -91,21 +98,24 @@ def run(quick: bool, batch_size: int, group_size: int, completion: int, model_pa
               "lora": f"r{cfg.lora.rank} x all layers" if cfg.lora.num_layers < 0 else f"r{cfg.lora.rank} x {cfg.lora.num_layers}"}
     rows = []
     # The default (one prompt pass per group), every row in full, and compiled (every row in full).
-    updates = (("update (eager)", {}), ("update (eager, per-row prompt)", {"grpo.share_prompt_pass": False}),
-               ("update (compiled)", {"optim.compile": True}))
+    updates = [("update (eager)", {}), ("update (eager, per-row prompt)", {"grpo.share_prompt_pass": False})]
+    if not quick:  # compile's first call builds kernels with g++ on CPU; checkpointing wraps the blocks for good
+        updates += [("update (compiled)", {"optim.compile": True}), ("update (grad_checkpoint)", {"optim.grad_checkpoint": True})]
     for phase, extra in updates:
         cfg_u = load_config(None, {**overrides, **extra})
         batch = to_train_batch(rollout, pad_to=COMPILE_BUCKET if cfg_u.optim.compile else 1)
         first, seconds, peak = time_updates(model, cfg_u, batch, advantages, repeats)
         tps = batch.num_tokens / seconds  # real tokens: padding for compile counts against it
-        rows.append({**common, "phase": phase, "tokens": batch.num_tokens, "first_call_s": first,
-                     "seconds": seconds, "tokens_per_s": tps,
-                     "mfu_pct": 100 * 6 * path_params * tps / (peak_gflops * 1e9), "peak_gb": peak})
+        # MFU counts the positions the model actually ran: a shared prompt runs once per group.
+        computed = computed_tokens(rollout, group_size if cfg_u.grpo.share_prompt_pass and not cfg_u.optim.compile else 1)
+        rows.append({**common, "phase": phase, "tokens": batch.num_tokens, "computed_tokens": computed,
+                     "first_call_s": first, "seconds": seconds, "tokens_per_s": tps,
+                     "mfu_pct": 100 * 6 * path_params * computed / seconds / (peak_gflops * 1e9), "peak_gb": peak})
     batch = to_train_batch(rollout)
     passes = (("log-probs (chunked, shared prompt)", {}),
               ("log-probs (chunked, per-row prompt)", {"grpo.share_prompt_pass": False}),
               ("log-probs (full logits, per-row prompt)", {"grpo.share_prompt_pass": False,
-                                                          "grpo.logprob_chunk_size": completion}))
+                                                          "grpo.logprob_chunk_size": completion}))[:2 if quick else 3]
     for phase, extra in passes:
         seconds, peak = time_logprobs(model, batch, load_config(None, {**overrides, **extra}), repeats)
         rows.append({**common, "phase": phase, "tokens": batch.num_tokens, "seconds": seconds,
@@ -119,17 +129,17 @@ def run(quick: bool, batch_size: int, group_size: int, completion: int, model_pa
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 completion tokens, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="8 completion tokens, fewer rows")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--completion", type=int, default=None, help="completion tokens per row (64; 16 with --quick)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
-    completion = args.completion or (16 if args.quick else 64)
+    completion = args.completion or (8 if args.quick else 64)
     rows = run(args.quick, args.batch_size, args.group_size, completion, args.model)
     print_table("Backprop: GRPO update on a fixed batch (LoRA), and the log-prob pass", rows,
                 ["phase", "B", "G", "prompt_len", "completion", "tokens", "first_call_s", "seconds", "tokens_per_s",
-                 "mfu_pct", "x_default", "peak_gb"])
+                 "computed_tokens", "mfu_pct", "x_default", "peak_gb"])
     print(f"matmul peak {rows[0]['matmul_peak_gflops']:.1f} GFLOP/s; gradient path "
           f"{rows[0]['gradient_path_params_m']:.1f}M parameters; {rows[0]['backend']}, BLAS {rows[0]['blas']}")
     write_results("backprop", rows, vars(args) | {"completion": completion})

@@ -81,7 +81,7 @@ def shape(size: int, group_size: int) -> tuple[int, int]:
 def run(quick: bool, max_new_tokens: int | None = None, sizes: tuple[int, ...] = (1, 8, 32), group_size: int = 8,
         temperature: float = 0.8, top_p: float = 1.0, single_rows: int = 1, unshared: bool = False,
         dtype: str = "float32", model_path: str = DEFAULT_MODEL) -> list[dict]:
-    max_new = max_new_tokens or (16 if quick else 64)
+    max_new = max_new_tokens or (8 if quick else 64)
     model, tokenizer, _ = load_bench_model(model_path, dtype)
     info = machine()
     all_prompts, _ = bench_prompts(tokenizer, max(shape(s, group_size)[0] for s in sizes))
@@ -125,7 +125,7 @@ def run(quick: bool, max_new_tokens: int | None = None, sizes: tuple[int, ...] =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 new tokens per row instead of 64")
+    parser.add_argument("--quick", action="store_true", help="8 new tokens per row instead of 64")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--sizes", default="1,8,32", help="comma-separated B*G row counts")
     parser.add_argument("--group-size", type=int, default=8)
