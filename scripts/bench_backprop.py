@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_grpo.config import load_config
+from mlx_grpo.forward import checkpoint_blocks
 from mlx_grpo.rollout import Rollout, to_train_batch
 from mlx_grpo.trainer import COMPILE_BUCKET, batch_logprobs, build_optimizer, make_grad_fn, prepare_trainable, update_policy
 
@@ -96,13 +97,27 @@ def run(quick: bool, batch_size: int, group_size: int, completion: int, model_pa
     common = {"model": model_path, "B": batch_size, "G": group_size, "prompt_len": len(rollout.prompt_tokens[0]),
               "completion": completion, "dtype": "float32", "backend": info["backend"], "blas": info["blas"],
               "lora": f"r{cfg.lora.rank} x all layers" if cfg.lora.num_layers < 0 else f"r{cfg.lora.rank} x {cfg.lora.num_layers}"}
-    rows = []
-    # The default (one prompt pass per group), every row in full, and compiled (every row in full).
+    # Forward-only passes first: checkpointing (the last update row) changes the model for good.
+    batch = to_train_batch(rollout)
+    passes = (("log-probs (chunked, shared prompt)", {}),
+              ("log-probs (chunked, per-row prompt)", {"grpo.share_prompt_pass": False}),
+              ("log-probs (full logits, per-row prompt)", {"grpo.share_prompt_pass": False,
+                                                          "grpo.logprob_chunk_size": completion}))[:2 if quick else 3]
+    logprob_rows = []
+    for phase, extra in passes:
+        seconds, peak = time_logprobs(model, batch, load_config(None, {**overrides, **extra}), repeats)
+        logprob_rows.append({**common, "phase": phase, "tokens": batch.num_tokens, "seconds": seconds,
+                             "tokens_per_s": batch.num_tokens / seconds, "peak_gb": peak})
+    # The default (one prompt pass per group), every row in full, compiled (every row in full),
+    # and with gradient checkpointing.
     updates = [("update (eager)", {}), ("update (eager, per-row prompt)", {"grpo.share_prompt_pass": False})]
-    if not quick:  # compile's first call builds kernels with g++ on CPU; checkpointing wraps the blocks for good
+    if not quick:  # compile's first call builds kernels with g++ on CPU
         updates += [("update (compiled)", {"optim.compile": True}), ("update (grad_checkpoint)", {"optim.grad_checkpoint": True})]
+    rows = []
     for phase, extra in updates:
         cfg_u = load_config(None, {**overrides, **extra})
+        if cfg_u.optim.grad_checkpoint:
+            checkpoint_blocks(model)
         batch = to_train_batch(rollout, pad_to=COMPILE_BUCKET if cfg_u.optim.compile else 1)
         first, seconds, peak = time_updates(model, cfg_u, batch, advantages, repeats)
         tps = batch.num_tokens / seconds  # real tokens: padding for compile counts against it
@@ -111,15 +126,7 @@ def run(quick: bool, batch_size: int, group_size: int, completion: int, model_pa
         rows.append({**common, "phase": phase, "tokens": batch.num_tokens, "computed_tokens": computed,
                      "first_call_s": first, "seconds": seconds, "tokens_per_s": tps,
                      "mfu_pct": 100 * 6 * path_params * computed / seconds / (peak_gflops * 1e9), "peak_gb": peak})
-    batch = to_train_batch(rollout)
-    passes = (("log-probs (chunked, shared prompt)", {}),
-              ("log-probs (chunked, per-row prompt)", {"grpo.share_prompt_pass": False}),
-              ("log-probs (full logits, per-row prompt)", {"grpo.share_prompt_pass": False,
-                                                          "grpo.logprob_chunk_size": completion}))[:2 if quick else 3]
-    for phase, extra in passes:
-        seconds, peak = time_logprobs(model, batch, load_config(None, {**overrides, **extra}), repeats)
-        rows.append({**common, "phase": phase, "tokens": batch.num_tokens, "seconds": seconds,
-                     "tokens_per_s": batch.num_tokens / seconds, "peak_gb": peak})
+    rows += logprob_rows
     for row in rows:
         row["matmul_peak_gflops"] = peak_gflops
         row["gradient_path_params_m"] = path_params / 1e6
@@ -132,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 completion tokens, fewer rows")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--completion", type=int, default=None, help="completion tokens per row (64; 16 with --quick)")
+    parser.add_argument("--completion", type=int, default=None, help="completion tokens per row (64; 8 with --quick)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
     completion = args.completion or (8 if args.quick else 64)
