@@ -1,6 +1,6 @@
 """Backprop: tokens/s of the GRPO update (loss + gradient + AdamW step) on a fixed batch, eager and
 under mx.compile, with MFU against the matmul peak measured in the same run; plus the forward-only
-log-prob pass and the memory that computing log-probs in chunks saves.
+log-prob pass, each with one prompt pass per group and with every row in full.
 
     uv run python scripts/bench_backprop.py [--quick] [--batch-size 2 --group-size 4 --completion 64]
 
@@ -84,7 +84,7 @@ def time_logprobs(model, batch, cfg, repeats: int) -> tuple[float, float]:
 
 def run(quick: bool, batch_size: int, group_size: int, completion: int, model_path: str = DEFAULT_MODEL) -> list[dict]:
     info = machine()
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 2
     peak_gflops = matmul_peak_gflops(quick)
     model, tokenizer, _ = load_bench_model(model_path)
     overrides = {"rollout.batch_size": batch_size, "rollout.group_size": group_size,
@@ -99,10 +99,7 @@ def run(quick: bool, batch_size: int, group_size: int, completion: int, model_pa
               "lora": f"r{cfg.lora.rank} x all layers" if cfg.lora.num_layers < 0 else f"r{cfg.lora.rank} x {cfg.lora.num_layers}"}
     # Forward-only passes first: checkpointing (the last update row) changes the model for good.
     batch = to_train_batch(rollout)
-    passes = (("log-probs (chunked, shared prompt)", {}),
-              ("log-probs (chunked, per-row prompt)", {"grpo.share_prompt_pass": False}),
-              ("log-probs (full logits, per-row prompt)", {"grpo.share_prompt_pass": False,
-                                                          "grpo.logprob_chunk_size": completion}))[:2 if quick else 3]
+    passes = (("log-probs (shared prompt)", {}), ("log-probs (per-row prompt)", {"grpo.share_prompt_pass": False}))
     logprob_rows = []
     for phase, extra in passes:
         seconds, peak = time_logprobs(model, batch, load_config(None, {**overrides, **extra}), repeats)

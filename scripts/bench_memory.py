@@ -10,6 +10,8 @@ every step; this script reads them back from metrics.jsonl, with the process RSS
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -27,11 +29,12 @@ def run(steps: int, batch_size: int, group_size: int, max_new_tokens: int) -> tu
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         # Near-miss credit on the answer, so (almost) every step has reward spread and runs an update.
         rubric = write_bench_rubric({"rubric": "rubrics/math.yaml", "answer_closeness": 0.2}, Path(tmp))
-        code = train_main(["--train.steps", str(steps), "--run-name", "mem", "--train.output_dir", tmp,
-                           "--rubric", str(rubric),
-                           "--rollout.batch_size", str(batch_size), "--rollout.group_size", str(group_size),
-                           "--rollout.max_new_tokens", str(max_new_tokens), "--train.save_every", "0",
-                           "--logging.sample_every", "0", "--no-wandb"])
+        with contextlib.redirect_stdout(io.StringIO()):  # the trainer's console output
+            code = train_main(["--train.steps", str(steps), "--run-name", "mem", "--train.output_dir", tmp,
+                               "--rubric", str(rubric),
+                               "--rollout.batch_size", str(batch_size), "--rollout.group_size", str(group_size),
+                               "--rollout.max_new_tokens", str(max_new_tokens), "--train.save_every", "0",
+                               "--logging.sample_every", "0", "--no-wandb"])
         if code != 0:
             raise SystemExit(f"training failed (exit {code})")
         lines = [json.loads(x) for x in (Path(tmp) / "runs" / "mem" / "metrics.jsonl").read_text().splitlines()]
@@ -57,10 +60,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps to run (30; 4 with --quick)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="24; 8 with --quick")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="16; 8 with --quick")
     args = parser.parse_args(argv)
     steps = args.steps or (4 if args.quick else 30)
-    args.max_new_tokens = args.max_new_tokens or (8 if args.quick else 24)
+    args.max_new_tokens = args.max_new_tokens or (8 if args.quick else 16)
     rows, per_step = run(steps, args.batch_size, args.group_size, args.max_new_tokens)
     print_table(f"Memory over {steps} steps: mean of the first steps after step 1 vs the last steps (GB)", rows,
                 ["metric", "B", "G", "max_new_tokens", "steps", "first_gb", "last_gb", "max_gb", "growth_pct"])
