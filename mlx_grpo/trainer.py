@@ -147,19 +147,19 @@ def make_grad_fn(model, cfg: Config):
     loss_and_grad = nn.value_and_grad(model, make_loss_fn(cfg))
     if not cfg.optim.compile:
         return loss_and_grad
-    use_old, use_ref = cfg.grpo.num_iterations > 1, cfg.grpo.beta > 0
     state = [model.state, mx.random.state]
-
-    def step(tokens, prompt_lengths, mask, advantages, old, ref):
-        batch = TrainBatch(tokens, prompt_lengths, mask, 0)
-        return loss_and_grad(model, batch, advantages, old if use_old else None, ref if use_ref else None)
-
-    compiled = mx.compile(step, inputs=state, outputs=state)
-    unused = mx.zeros((1,))  # compile takes arrays only: a placeholder for the log-probs a run does not need
+    compiled = {}  # one compiled step per combination of frozen log-probs given (old, ref)
 
     def grad_fn(model, batch: TrainBatch, advantages, old, ref):
-        return compiled(batch.tokens, batch.prompt_lengths, batch.mask, advantages,
-                        unused if old is None else old, unused if ref is None else ref)
+        given = (old is not None, ref is not None)
+        if given not in compiled:
+            def step(tokens, prompt_lengths, mask, advantages, *frozen):
+                frozen = iter(frozen)
+                old, ref = (next(frozen) if has else None for has in given)
+                return loss_and_grad(model, TrainBatch(tokens, prompt_lengths, mask, 0), advantages, old, ref)
+            compiled[given] = mx.compile(step, inputs=state, outputs=state)
+        frozen = [a for a in (old, ref) if a is not None]  # compile takes arrays only, not None
+        return compiled[given](batch.tokens, batch.prompt_lengths, batch.mask, advantages, *frozen)
 
     return grad_fn
 

@@ -47,15 +47,17 @@ def assert_same_grads(eager, compiled):
         np.testing.assert_allclose(np.array(compiled[name]), np.array(g), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"grpo.beta": 0.04, "grpo.num_iterations": 2}])
-def test_compiled_gradients_match_eager_with_lora(overrides):
+# On-policy (no frozen log-probs), pipelined (old log-probs recorded while sampling), and mu > 1
+# with a KL penalty (old and reference log-probs).
+@pytest.mark.parametrize("overrides, give_old, give_ref", [
+    ({}, False, False), ({"rollout.pipeline": True}, True, False),
+    ({"grpo.beta": 0.04, "grpo.num_iterations": 2}, True, True)])
+def test_compiled_gradients_match_eager_with_lora(overrides, give_old, give_ref):
     model = lora_model()
     batch = a_batch()
     advantages = mx.array([1.0, -0.5, 0.25, -0.75])
-    old = ref = None
-    if overrides:
-        old = mx.random.normal(batch.mask.shape) * 0.1 - 3.0
-        ref = mx.random.normal(batch.mask.shape) * 0.1 - 3.0
+    old = mx.random.normal(batch.mask.shape) * 0.1 - 3.0 if give_old else None
+    ref = mx.random.normal(batch.mask.shape) * 0.1 - 3.0 if give_ref else None
     eager_fn = make_grad_fn(model, config(False, **overrides))
     compiled_fn = make_grad_fn(model, config(True, **overrides))
 
