@@ -76,7 +76,7 @@ def median(values: list[float]) -> float:
 def run(quick: bool, latency: float) -> list[dict]:
     info = machine()
     settings = ({"B": 1, "G": 2, "max_new_tokens": 8, "steps": 3} if quick
-                else {"B": 2, "G": 4, "max_new_tokens": 24, "steps": 4})
+                else {"B": 2, "G": 4, "max_new_tokens": 24, "steps": 3})
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
         for pipeline in (False, True):
