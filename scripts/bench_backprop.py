@@ -133,13 +133,14 @@ def run(quick: bool, batch_size: int, group_size: int, completion: int, model_pa
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 completion tokens, fewer rows")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 prompt, 8 completion tokens, fewer rows")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts (2; 1 with --quick)")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--completion", type=int, default=None, help="completion tokens per row (64; 8 with --quick)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
     completion = args.completion or (8 if args.quick else 64)
+    args.batch_size = args.batch_size or (1 if args.quick else 2)
     rows = run(args.quick, args.batch_size, args.group_size, completion, args.model)
     print_table("Backprop: GRPO update on a fixed batch (LoRA), and the log-prob pass", rows,
                 ["phase", "B", "G", "prompt_len", "completion", "tokens", "first_call_s", "seconds", "tokens_per_s",

@@ -75,7 +75,7 @@ def median(values: list[float]) -> float:
 
 def run(quick: bool, latency: float) -> list[dict]:
     info = machine()
-    settings = ({"B": 1, "G": 2, "max_new_tokens": 8, "steps": 3} if quick
+    settings = ({"B": 1, "G": 2, "max_new_tokens": 8, "steps": 2} if quick
                 else {"B": 2, "G": 4, "max_new_tokens": 24, "steps": 3})
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
@@ -100,7 +100,7 @@ def run(quick: bool, latency: float) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="B=1, G=2, 8 tokens, 3 steps")
+    parser.add_argument("--quick", action="store_true", help="B=1, G=2, 8 tokens, 2 steps")
     parser.add_argument("--latency", type=float, default=1.0, help="teacher seconds per request")
     args = parser.parse_args(argv)
     rows = run(args.quick, args.latency)
