@@ -76,14 +76,14 @@ def _checkpointed_call(block_call):
     """
 
     def call(self, x, mask=None, cache=None):
+        if cache is not None and not isinstance(cache, PromptKV):
+            return block_call(self, x, mask, cache)  # generation's KV caches: no gradient, nothing to save
         params = self.trainable_parameters()
         if cache is None:
             def plain(params, x):
                 self.update(params)
                 return block_call(self, x, mask, None)
             return mx.checkpoint(plain)(params, x)
-        if not isinstance(cache, PromptKV):  # generation's KV caches: no gradient, nothing to save
-            return block_call(self, x, mask, cache)
         if cache.keys is None:
             def prompt_pass(params, x):
                 self.update(params)

@@ -257,10 +257,11 @@ def submit_scoring(cfg: Config, tokenizer, samples, prompts, rollout: Rollout, s
     G, eos_ids = cfg.rollout.group_size, set(tokenizer.eos_token_ids)
     texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
     group_samples = [s for s in samples for _ in range(G)]
+    score_start = time.perf_counter()
     scoring = scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
     scored_at: list[float] = []
     scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
-    return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, time.perf_counter(), scored_at, late)
+    return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, score_start, scored_at, late)
 
 
 def sampled_logprobs(rollout: Rollout, width: int) -> mx.array:
@@ -385,7 +386,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                 current = sample_and_score(step, cfg, model, tokenizer, sampler.next_batch(B), scorer)
             else:
                 current, upcoming = upcoming, None
-            rollout, samples, prompts = current.rollout, current.samples, current.prompts
+            rollout, prompts = current.rollout, current.prompts
             texts, group_samples = current.texts, current.group_samples
             gen_time = rollout.generation_time_s if not current.late else 0.0  # this step's sampling
 

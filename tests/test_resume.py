@@ -101,18 +101,25 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path, s
     assert len(complete_checkpoints(out / "runs" / "r")) == 2  # keep_checkpoints
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(reference, tmp_path):
-    expected, rubric = reference
-    out = tmp_path / "logs"
-    metrics = out / "runs" / "r" / "metrics.jsonl"
-    proc = subprocess.Popen(train_cmd(out, rubric), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def ctrl_c_after(cmd: list[str], metrics: Path, logged: int) -> tuple[str, str]:
+    """Start a training run, press Ctrl-C once `logged` steps are in metrics.jsonl, and return its
+    (stdout, stderr) after it has exited cleanly."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    while not (metrics.exists() and metrics.read_text().count("\n") >= logged):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
+    return stdout, stderr
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(reference, tmp_path):
+    expected, rubric = reference
+    out = tmp_path / "logs"
+    metrics = out / "runs" / "r" / "metrics.jsonl"
+    stdout, _ = ctrl_c_after(train_cmd(out, rubric), metrics, 1)
     assert "Stopped early: interrupted" in stdout and f"uv run train --resume {out / 'runs' / 'r'}" in stdout
     logged = len(metrics.read_text().splitlines())
     assert 1 <= logged < STEPS
@@ -141,16 +148,8 @@ def test_pipelined_run_trains_off_policy_and_resumes_exactly(reference, tmp_path
     assert max(m["actor/is_log_ratio/std"] for m in metrics[1:]) > 1e-3
 
     out = tmp_path / "logs"
-    proc = subprocess.Popen(train_cmd(out, rubric, *pipelined), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
     log = out / "runs" / "r" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (log.exists() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stderr
+    ctrl_c_after(train_cmd(out, rubric, *pipelined), log, 2)
     assert len(log.read_text().splitlines()) < STEPS
     done = subprocess.run(train_cmd(out, rubric, *pipelined, "--resume", "latest"), capture_output=True, text=True,
                           timeout=300)
