@@ -94,7 +94,12 @@ def group_advantages(
 
     n = mx.maximum(v.sum(axis=1, keepdims=True), 1)
     mean = r.sum(axis=1, keepdims=True) / n
-    dev = (r - mean) * v
+    # A group of equal rewards gives exactly 0, not the rounding error of its float32 mean: a tiny
+    # nonzero advantage makes the trainer take a step, and AdamW then moves the weights a full
+    # learning rate along its stale momentum on no signal at all.
+    highest = mx.where(v > 0, r, -mx.inf).max(axis=1, keepdims=True)
+    lowest = mx.where(v > 0, r, mx.inf).min(axis=1, keepdims=True)
+    dev = mx.where(highest > lowest, r - mean, 0.0) * v
     if scale == "group":
         std = mx.sqrt((dev * dev).sum(axis=1, keepdims=True) / n)
         adv = dev / (std + eps)

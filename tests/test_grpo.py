@@ -59,6 +59,16 @@ def test_advantages_invalid_rows_are_excluded_and_zero():
     close(adv, [0.0, 0.0], atol=0)
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_of_equal_rewards_are_exactly_zero(scale):
+    # 0.42333 eight times: the float32 mean is off by an ulp, which must not leak into advantages.
+    rewards = mx.array([0.4233333] * 8 + [0.1, 0.7, 0.1, 0.7, 0.3, 0.3, 0.3, 0.3], dtype=mx.float32)
+    assert mx.sum(rewards[:8]).item() / 8 != rewards[0].item()  # the rounding this guards against
+    adv = group_advantages(rewards, 8, scale=scale)
+    assert (np.array(adv[:8]) == 0).all()
+    assert (np.array(adv[8:]) != 0).any()
+
+
 def test_advantages_bad_input():
     with pytest.raises(ValueError):
         group_advantages(mx.array([1.0, 2.0, 3.0]), 2)
