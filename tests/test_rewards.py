@@ -262,8 +262,9 @@ def test_shipped_math_rubric():
     assert all(c.check in CHECKS for c in rubric.criteria)
     assert rubric.teacher_config is None and len(rubric.version) == 12
     batch = score_completions(rubric, [S12] * 4, [GOOD, "<reasoning>r</reasoning><answer>13</answer>", "12", "hi"])
-    # Correct and well-formed earns 1; the correct answer outweighs perfect format with a wrong one.
-    np.testing.assert_allclose(batch.rewards, [1.0, 0.3, 0.35, 0.0], atol=1e-6)
+    # Correct and well-formed earns 1; the correct answer outweighs perfect format with a wrong one,
+    # which earns a little for being near (13 for 12: closeness 0.2 x (1 - 1/12) of Answer's 0.7).
+    np.testing.assert_allclose(batch.rewards, [1.0, 0.3 + 0.7 * 0.2 * (11 / 12), 0.35, 0.0], atol=1e-6)
 
 
 # --- environment interpolation --------------------------------------------------------------------
