@@ -129,6 +129,17 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = opt(0, "During training, evaluate on a fixed held-out subset every N steps and log eval/* "
+                        "(0 = never). `uv run eval` evaluates a finished run.")
+    num_prompts: int = opt(50, "Held-out prompts in that subset (`uv run eval` uses data.test_size).")
+    samples: int = opt(1, "Completions per held-out prompt; pass@k is reported for k up to this.")
+    temperature: float = opt(0.0, "Sampling temperature for evaluation (0 = greedy: one deterministic answer).")
+    dataset: str = opt("", "Held-out prompts: empty = the built-in task's test split; else a JSONL file.")
+    chunk_rows: int = opt(64, "Completions generated together per evaluation batch (bounds memory).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -141,6 +152,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def iter_fields(cls=Config, prefix: str = ""):
@@ -250,7 +262,7 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> C
     """The config a run was started with (its config.yaml), then command-line overrides."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise UserInputError(f"--resume: {path} not found; is {run_dir} a run directory?")
+        raise UserInputError(f"{path} not found; is {run_dir} a run directory?")
     tree = _read_yaml(path)
     tree.pop("resolved_model", None)  # written beside the config, not a config field
     return _build(tree, str(path), overrides)
@@ -303,6 +315,11 @@ def validate(cfg: Config) -> None:
     require(cfg.logging.performance_every >= 1, "logging.performance_every", "must be at least 1")
     require(cfg.logging.histogram_every >= 1, "logging.histogram_every", "must be at least 1")
     require(cfg.logging.system_interval_s > 0, "logging.system_interval_s", "must be positive")
+    require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    require(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be at least 1")
+    require(cfg.eval.samples >= 1, "eval.samples", "must be at least 1")
+    require(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")
+    require(cfg.eval.chunk_rows >= 1, "eval.chunk_rows", "must be at least 1")
     require(cfg.data.epoch_size >= 0, "data.epoch_size", "must be >= 0")
     require(bool(cfg.rubric), "rubric", "must name a rubric YAML file")
     require(bool(cfg.model.path.strip()), "model.path", "must name a model (built-in alias, HF id, directory or .gguf)")

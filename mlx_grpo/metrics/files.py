@@ -57,6 +57,10 @@ class LearningLogSink:
         parts.append(f"entropy={record.get('actor/entropy_loss', nan):.3f}")
         parts.append(f"frac_zero_std={record.get('frac_reward_zero_std', nan):.2f}")
         self.file.write("  ".join(parts) + "\n")
+        held_out = {tag[len("eval/"):]: value for tag, value in record.items() if tag.startswith("eval/")}
+        if held_out:  # the held-out evaluation of this step, on a line of its own
+            self.file.write(f"[eval step {step}]  " + "  ".join(
+                f"{name}={value:.3f}" for name, value in held_out.items() if not name.startswith("num_")) + "\n")
         self.file.flush()
 
     def log_text(self, step: int, tag: str, text: str) -> None:

@@ -1,0 +1,155 @@
+"""Held-out evaluation: sample completions for test prompts, score them with the rubric, summarise.
+
+The math is in pure functions (`pass_at_k`, `eval_metrics`); `evaluate` drives generation and
+scoring in chunks, each chunk seeded from (seed, chunk index), so two models evaluated with the
+same seed see the same prompts and the same random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_grpo.data import build_prompt_tokens
+from mlx_grpo.errors import UserInputError
+from mlx_grpo.rewards import contiguous_groups
+from mlx_grpo.rollout import generate_rollout
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    The chance that at least one of k samples drawn without replacement from the n is correct.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every draw of k must include a correct one
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def report_ks(samples: int) -> list[int]:
+    """The k of pass@k to report: 1, powers of two below `samples`, and `samples` itself."""
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return ks + [samples]
+
+
+def eval_metrics(rewards: np.ndarray, valid: np.ndarray, criterion_scores: dict[str, np.ndarray],
+                 correct: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, samples: int) -> dict[str, float]:
+    """Summary of an evaluation. Arrays are per completion, the `samples` completions of each prompt
+    adjacent. Masked completions (valid False: the teacher gave no score) are left out of every
+    score; pass@k averages over the prompts with at least k scored completions."""
+    record: dict[str, float] = {"num_prompts": float(len(rewards) // samples), "num_completions": float(len(rewards)),
+                                "masked_frac": float(1.0 - valid.mean()) if valid.size else 0.0}
+    record["mean_reward"] = float(rewards[valid].mean()) if valid.any() else float("nan")
+    for name, column in criterion_scores.items():
+        scored = column[valid]
+        scored = scored[~np.isnan(scored)]
+        record[f"criteria/{name}"] = float(scored.mean()) if scored.size else float("nan")
+    for k in report_ks(samples):
+        per_prompt = []
+        for start in range(0, len(correct), samples):
+            ok = correct[start:start + samples][valid[start:start + samples]]
+            if ok.size >= k:
+                per_prompt.append(pass_at_k(int(ok.size), int(ok.sum()), k))
+        record[f"pass_at_{k}"] = float(np.mean(per_prompt)) if per_prompt else float("nan")
+    record["mean_length"] = float(lengths.mean()) if lengths.size else 0.0
+    record["truncated_frac"] = float(truncated.mean()) if truncated.size else 0.0
+    return record
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    rows: list[dict] = field(default_factory=list)  # one per completion: prompt index, text, reward, scores
+    seconds: float = 0.0
+
+
+def correct_mask(scored, criterion: str, threshold: float) -> np.ndarray:
+    """Which completions count as correct: `criterion`'s score (or the total reward) >= threshold."""
+    values = scored.criterion_scores[criterion] if criterion else scored.rewards
+    return np.nan_to_num(values, nan=-math.inf) >= threshold
+
+
+def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_new_tokens: int,
+             temperature: float, top_p: float = 1.0, seed: int = 0, system_prompt: str | None = None,
+             correct_criterion: str = "", correct_threshold: float = 1.0, chunk_rows: int = 64,
+             progress=None) -> EvalResult:
+    """Sample `samples` completions for each item, score them, and summarise (see eval_metrics).
+
+    progress(done_prompts, total_prompts) is called after each chunk.
+    """
+    if correct_criterion and correct_criterion not in {c.name for c in scorer.rubric.criteria}:
+        raise UserInputError(f"correct criterion {correct_criterion!r} is not a criterion of {scorer.rubric.path} "
+                             f"({', '.join(c.name for c in scorer.rubric.criteria)})")
+    per_chunk = max(1, chunk_rows // samples)
+    eos_ids = set(tokenizer.eos_token_ids)
+    parts: dict[str, list] = {"rewards": [], "valid": [], "correct": [], "lengths": [], "truncated": []}
+    columns: dict[str, list] = {c.name: [] for c in scorer.rubric.criteria}
+    rows: list[dict] = []
+    start_time = time.perf_counter()
+    for chunk, start in enumerate(range(0, len(items), per_chunk)):
+        batch = items[start:start + per_chunk]
+        mx.random.seed(seed * 1_000_003 + chunk)  # the same draws for every model evaluated with this seed
+        prompts = [build_prompt_tokens(tokenizer, s, system_prompt) for s in batch]
+        rollout = generate_rollout(model, prompts, group_size=samples, max_new_tokens=max_new_tokens,
+                                   eos_token_ids=eos_ids, temperature=temperature, top_p=top_p)
+        texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
+        group_samples = [s for s in batch for _ in range(samples)]
+        scored = scorer.score(group_samples, texts, contiguous_groups(len(texts), samples))
+        correct = correct_mask(scored, correct_criterion, correct_threshold)
+        parts["rewards"].append(scored.rewards)
+        parts["valid"].append(scored.valid)
+        parts["correct"].append(correct)
+        parts["lengths"].append(np.array([len(c) for c in rollout.completion_tokens]))
+        parts["truncated"].append(np.array(rollout.truncated, dtype=bool))
+        for name in columns:
+            columns[name].append(scored.criterion_scores.get(name, np.full(len(texts), np.nan, dtype=np.float32)))
+        for i, text in enumerate(texts):
+            rows.append({"prompt_index": start + i // samples, "completion": text,
+                         "reward": float(scored.rewards[i]) if scored.valid[i] else None,
+                         "correct": bool(correct[i]), "tokens": len(rollout.completion_tokens[i]),
+                         "finish_reason": rollout.finish_reasons[i],
+                         "scores": {n: None if np.isnan(c[i]) else round(float(c[i]), 4)
+                                    for n, c in scored.criterion_scores.items()}})
+        if progress is not None:
+            progress(min(start + per_chunk, len(items)), len(items))
+    joined = {key: np.concatenate(value) for key, value in parts.items()}
+    metrics = eval_metrics(joined["rewards"], joined["valid"], {n: np.concatenate(c) for n, c in columns.items()},
+                           joined["correct"], joined["lengths"], joined["truncated"], samples)
+    return EvalResult(metrics, rows, time.perf_counter() - start_time)
+
+
+def held_out_items(cfg) -> list[dict]:
+    """The held-out prompts: eval.dataset if set, else the built-in task's test split."""
+    from mlx_grpo.data import BUILTIN_TASKS, load_dataset
+
+    spec = cfg.eval.dataset or cfg.data.dataset
+    if not cfg.eval.dataset and spec not in BUILTIN_TASKS:
+        raise UserInputError(f"eval: {spec} has no held-out split; name a held-out JSONL file with eval.dataset "
+                             "(or --data for `uv run eval`)")
+    return load_dataset(spec, split="test", seed=cfg.train.seed, size=cfg.data.test_size,
+                        on_bad_line=cfg.data.on_bad_line, max_ops=cfg.data.max_ops, max_operand=cfg.data.max_operand)
+
+
+def load_run_adapters(model, run_dir: Path) -> None:
+    """Apply a run's saved adapters (LoRA layers, or full fine-tuned weights) to `model`."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    run_dir = Path(run_dir)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (run_dir / name).is_file():
+            raise UserInputError(f"{run_dir}: no {name}; is this a run directory with saved adapters?")
+    try:
+        load_adapters(model, str(run_dir))
+    except ValueError as err:  # adapters trained on another model
+        raise UserInputError(f"{run_dir}: adapters do not fit this model ({str(err).splitlines()[0]})") from None
+    mx.eval(model.parameters())
