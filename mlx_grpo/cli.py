@@ -78,10 +78,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     return args, overrides
 
 
-def make_run_dirs(cfg: Config) -> tuple[Path, Path]:
+def make_run_dirs(cfg: Config, check: bool = True) -> tuple[Path, Path]:
     name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.train.output_dir) / "runs" / name
-    if run_dir.exists():
+    if check and run_dir.exists():
         raise UserInputError(f"{run_dir}: run directory already exists; choose another --run-name")
     return run_dir, Path(cfg.train.output_dir) / "tensorboard" / name
 
@@ -105,11 +105,13 @@ def validate_inputs(cfg: Config):
     return rubric, items
 
 
-def start_scorer(cfg: Config, rubric, run_dir: Path, console, notify):
-    """The rubric's scorer, with its teacher checked by one tiny request (before the model loads)."""
+def start_scorer(cfg: Config, rubric, run_dir: Path | None, console, notify):
+    """The rubric's scorer, with its teacher checked by one tiny request (before the model loads).
+    Its score cache is cfg.teacher_cache, else teacher_cache.sqlite in run_dir (None: no cache)."""
     from mlx_grpo.rewards import Scorer
 
-    cache = Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else run_dir / "teacher_cache.sqlite"
+    cache = Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else (
+        run_dir / "teacher_cache.sqlite" if run_dir is not None else None)
     scorer = Scorer(rubric, cache_path=cache, warn=lambda text: notify(f"teacher: {text}"))
     if scorer.teacher is not None:
         t = scorer.teacher.cfg
@@ -163,25 +165,55 @@ def resume_target(spec: str, output_dir: str) -> Path:
     return max(runs, key=lambda p: complete_checkpoints(p)[-1].stat().st_mtime)
 
 
-def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
-    from rich.progress import Progress
-
+def start_logging(cfg: Config, run_dir: Path, tb_dir: Path, resumed_at: int | None, rubric, model_dir, console):
+    """config.yaml in the run directory, and the hub of every sink: TensorBoard, jsonl, learning.log, W&B."""
     from mlx_grpo.metrics import MetricsHub
     from mlx_grpo.metrics.files import JsonlSink, LearningLogSink
     from mlx_grpo.metrics.system import describe_backend
     from mlx_grpo.metrics.tensorboard import TensorBoardSink
     from mlx_grpo.metrics.wandb_sink import wandb_enabled
+    from mlx_grpo.rewards import describe_rubric
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
+                                                        sort_keys=False))
+    sinks = [TensorBoardSink(tb_dir, resume_step=resumed_at), JsonlSink(run_dir / "metrics.jsonl"),
+             LearningLogSink(run_dir / "learning.log"),
+             JsonlSink(run_dir / "batch_metrics.jsonl", keys=("pass_at_1", "pass_at_all"))]
+    if wandb_enabled(cfg):
+        from mlx_grpo.metrics.wandb_sink import WandbSink
+        sinks.append(WandbSink(cfg, run_dir, announce=lambda text: console.print(text, soft_wrap=True)))
+    hub = MetricsHub(sinks)
+    hub.last_step = resumed_at or 0
+    hub.log_text(hub.last_step, "Rubric/changes", describe_rubric(rubric))
+    hub.log_text(hub.last_step, "System/backend", describe_backend())
+    return hub
+
+
+def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
+    from rich.progress import Progress
+
+    from mlx_grpo.metrics import MetricsHub
+    from mlx_grpo.metrics.system import describe_backend
     from mlx_grpo.models import load_model
-    from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable, describe_rubric
+    from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable
     from mlx_grpo.trainer import train
 
     from mlx_grpo.checkpoint import latest_checkpoint, read_state, truncate_logs
+    from mlx_grpo.distributed import init_world
+    from mlx_grpo.evaluate import held_out_items
     from mlx_grpo.trainer import TrainingDiverged
 
+    world = init_world()
+    if world.size > 1:
+        if cfg.rollout.pipeline:
+            raise UserInputError("rollout.pipeline is not supported with several processes (mlx.launch); set it to false")
+        if not world.is_main:  # rank 0 speaks and writes for the group
+            console.quiet = True
     rubric, items = validate_inputs(cfg)
+    eval_items = held_out_items(cfg)[:cfg.eval.num_prompts] if cfg.eval.every else None
     checkpoint = None
     if resume_dir is None:
-        run_dir, tb_dir = make_run_dirs(cfg)
+        run_dir, tb_dir = make_run_dirs(cfg, check=world.is_main)  # only rank 0 creates it
     else:
         run_dir, tb_dir = resume_dir, Path(cfg.train.output_dir) / "tensorboard" / resume_dir.name
         checkpoint = latest_checkpoint(run_dir)
@@ -193,7 +225,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
         if hub is not None:
             hub.log_text(hub.last_step, "Notices", text)
 
-    scorer = start_scorer(cfg, rubric, run_dir, console, notify)
+    scorer = start_scorer(cfg, rubric, run_dir if world.is_main else None, console, notify)
     try:
         console.print("[bold]Resolved config[/bold]")
         console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
@@ -202,7 +234,9 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
             model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
         console.print(f"Model: {model_dir}", soft_wrap=True)
         resumed_at = None
-        if checkpoint is None:
+        if not world.is_main:
+            hub = MetricsHub([])  # the other ranks log nothing; rank 0 logs the gathered metrics
+        elif checkpoint is None:
             run_dir.mkdir(parents=True)
         else:
             saved = read_state(checkpoint)
@@ -210,19 +244,12 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
             # Lines a crash left after the checkpoint are cut, so the resumed steps are not duplicated.
             truncate_logs(run_dir, saved["log_sizes"])
             console.print(f"Resuming {run_dir} from step {resumed_at} ({checkpoint})", soft_wrap=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "resolved_model": str(model_dir)},
-                                                            sort_keys=False))
-        sinks = [TensorBoardSink(tb_dir, resume_step=resumed_at), JsonlSink(run_dir / "metrics.jsonl"),
-                 LearningLogSink(run_dir / "learning.log"),
-                 JsonlSink(run_dir / "batch_metrics.jsonl", keys=("pass_at_1", "pass_at_all"))]
-        if wandb_enabled(cfg):
-            from mlx_grpo.metrics.wandb_sink import WandbSink
-            sinks.append(WandbSink(cfg, run_dir, announce=lambda text: console.print(text, soft_wrap=True)))
-        hub = MetricsHub(sinks)
-        hub.last_step = resumed_at or 0
-        hub.log_text(hub.last_step, "Rubric/changes", describe_rubric(rubric))
-        hub.log_text(hub.last_step, "System/backend", describe_backend())
+        if world.is_main:
+            hub = start_logging(cfg, run_dir, tb_dir, resumed_at, rubric, model_dir, console)
         console.print(describe_backend(), soft_wrap=True)
+        if world.size > 1:
+            console.print(f"Data parallel over {world.size} processes: {cfg.rollout.batch_size} prompts per process, "
+                          f"{cfg.rollout.batch_size * world.size} per step", soft_wrap=True)
         console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
 
         with Progress(*progress_columns(), console=console) as bar:
@@ -243,7 +270,8 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
                 # The trainer writes its own notices (rubric reloads, health) to the logs: console only here.
                 state = train(cfg, run_dir, items, scorer, model, tokenizer, hub, progress=on_step,
                               watcher=RubricWatcher(rubric), resume=checkpoint, should_stop=stop,
-                              notify=lambda text: console.print(text, soft_wrap=True, markup=False))
+                              notify=lambda text: console.print(text, soft_wrap=True, markup=False),
+                              world=world, eval_items=eval_items)
             except (TeacherUnavailable, TrainingDiverged) as err:
                 # Adapters of the completed steps are saved by train(); say where and stop.
                 what = "teacher" if isinstance(err, TeacherUnavailable) else "training"

@@ -243,6 +243,16 @@ def _aggregate(per_token: mx.array, mask: mx.array, loss_type: str, max_len: int
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
+def loss_denominator(mask: mx.array, loss_type: str) -> float:
+    """What the loss divides its sum by (up to a constant): tokens for a token mean, sequences for a
+    per-sequence mean. Batches combine exactly when their losses are weighted by it."""
+    if loss_type in ("bnpo", "dapo"):
+        return float(mask.sum().item())
+    if loss_type == "grpo":
+        return float((mask.sum(axis=1) > 0).sum().item())
+    return float(mask.shape[0])  # dr_grpo: rows times a constant max_len
+
+
 def grpo_loss(
     logprobs: mx.array,
     old_logprobs: mx.array,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from concurrent.futures import Future
@@ -24,6 +25,8 @@ from mlx_grpo import grpo
 from mlx_grpo.checkpoint import load_checkpoint, log_sizes, save_checkpoint
 from mlx_grpo.config import Config
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
+from mlx_grpo.distributed import World
+from mlx_grpo.evaluate import evaluate
 from mlx_grpo.forward import checkpoint_blocks
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
@@ -33,6 +36,7 @@ from mlx_grpo.metrics.system import SystemSampler
 from mlx_grpo.metrics.tracker import MetricsTracker
 from mlx_grpo.models import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
+from mlx_grpo.rewards.scoring import RewardBatch
 from mlx_grpo.rollout import Rollout, TrainBatch, generate_rollout, to_train_batch
 
 
@@ -40,6 +44,8 @@ from mlx_grpo.rollout import Rollout, TrainBatch, generate_rollout, to_train_bat
 NO_UPDATE_STATS = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ppo_kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0,
                    "ratio_mean": 1.0, "ratio_std": 0.0, "ratio_p95": 1.0, "log_ratio_mean": 0.0,
                    "log_ratio_std": 0.0, "outside_clip_frac": 0.0}
+# Update statistics averaged over the ranks in data-parallel training (grad_norm is global already).
+RANK_AVERAGED_STATS = [key for key in NO_UPDATE_STATS if key != "grad_norm"] + ["entropy"]
 # Under optim.compile, lengths are padded to multiples of this: every new shape is a new compile.
 COMPILE_BUCKET = 32
 # Log files in the run directory that a resume truncates back to the checkpoint.
@@ -191,36 +197,48 @@ def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params, sampled=
     return old, ref
 
 
-def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, old, ref):
-    """mu passes over the batch, each an optimizer step over grad_accum micro-batches."""
+def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, old, ref,
+                  world: World = World(), local: bool = True):
+    """mu passes over the batch, each an optimizer step over grad_accum micro-batches.
+
+    Data-parallel: each step's gradient is combined over the ranks first. local=False means this
+    rank has no scored completion this step; it still takes part, with nothing to add.
+    """
     g, accum = cfg.grpo, cfg.optim.grad_accum_steps
     ranges = micro_batches(cfg, batch)
     micro, micro_adv = [batch.rows(a, b) for a, b in ranges], [advantages[a:b] for a, b in ranges]
+    weight = grpo.loss_denominator(batch.mask, g.loss_type) if local else 0.0
     model.train()
     totals: dict[str, float] = {}
     grad_norm = mx.array(0.0)
     for _ in range(g.num_iterations):
         grads = None
         for m, adv, old_lp, ref_lp in zip(micro, micro_adv, old, ref):
+            if not local:
+                break
             (loss, stats), step_grads = loss_and_grad(model, m, adv, old_lp, ref_lp)
             grads = step_grads if grads is None else tree_map(mx.add, grads, step_grads)
             stats = {"loss": loss, **stats}
             mx.eval(grads, stats)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value.item() / (accum * g.num_iterations)
-        grads = tree_map(lambda x: x / accum, grads)
+        grads = tree_map(lambda x: x / accum, grads) if local else tree_map(mx.zeros_like, model.trainable_parameters())
+        grads = world.combine_gradients(grads, weight)
         if cfg.optim.max_grad_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
         else:
             grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
         # A NaN/inf anywhere makes the norm non-finite: skip the step rather than poison the weights
-        # and the optimizer's moments.
-        if not (math.isfinite(grad_norm.item()) and math.isfinite(totals.get("loss", 0.0))):
+        # and the optimizer's moments (every rank decides alike: the norm is global).
+        if world.any(not (math.isfinite(grad_norm.item()) and math.isfinite(totals.get("loss", 0.0)))):
             totals["nonfinite"] = True
             break
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
     model.eval()
+    if world.size > 1:  # every rank reports the weighted mean over the ranks
+        sums = world.sum([totals.get(key, 0.0) * weight for key in RANK_AVERAGED_STATS] + [weight])
+        totals.update({key: value / max(sums[-1], 1e-12) for key, value in zip(RANK_AVERAGED_STATS, sums)})
     totals["grad_norm"] = grad_norm.item()
     return totals
 
@@ -240,12 +258,12 @@ class ScoredRollout:
 
 
 def sample_and_score(step: int, cfg: Config, model, tokenizer, samples: list[dict], scorer: Scorer,
-                     late: bool = False) -> ScoredRollout:
+                     late: bool = False, rank: int = 0) -> ScoredRollout:
     """Generate G completions per prompt and submit them for scoring (checks in threads, teacher
     requests concurrently). Text is decoded for the rubric only; training uses the sampled ids."""
-    # Each step's sampling randomness depends only on (seed, step), so a resumed run draws
+    # Each step's sampling randomness depends only on (seed, step, rank), so a resumed run draws
     # exactly what the uninterrupted run drew.
-    mx.random.seed(cfg.train.seed * 1_000_003 + step)
+    mx.random.seed(cfg.train.seed * 1_000_003 + step + rank * 1_000_000_007)
     G, eos_ids = cfg.rollout.group_size, set(tokenizer.eos_token_ids)
     prompts = [build_prompt_tokens(tokenizer, s, cfg.data.system_prompt or None) for s in samples]
     rollout = generate_rollout(model, prompts, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -310,13 +328,15 @@ def completion_rows(step: int, samples: list[dict], texts: list[str], scored) ->
 
 def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, tokenizer,
           hub: MetricsHub, progress=None, watcher: RubricWatcher | None = None, notify=print,
-          resume: Path | None = None, should_stop=lambda: False) -> TrainState:
+          resume: Path | None = None, should_stop=lambda: False, world: World = World(),
+          eval_items: list[dict] | None = None) -> TrainState:
     """Run GRPO steps up to cfg.train.steps; adapters are saved into run_dir, also when a step fails.
 
     `scorer` holds the rubric (and its teacher); `watcher`, if given, hot-reloads the rubric file.
     `resume` is a checkpoint directory to continue from. Training stops early, cleanly, with a
     checkpoint, when the teacher's budget is spent or `should_stop()` turns true (Ctrl-C);
-    state.stop_reason says why.
+    state.stop_reason says why. `world`: this process's rank in data-parallel training (only
+    rank 0 writes to run_dir). `eval_items`: held-out prompts scored every cfg.eval.every steps.
     """
     seed_everything(cfg.train.seed)
     adapter_config = prepare_trainable(model, cfg)
@@ -329,6 +349,12 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     B, G = cfg.rollout.batch_size, cfg.rollout.group_size
     state = TrainState()
     prompts_per_epoch = cfg.data.epoch_size or len(items)
+    global_prompts = B * world.size  # each step's prompts over all ranks
+
+    def next_prompts() -> list[dict]:
+        """This rank's B of the step's global batch (every rank's sampler draws the same one)."""
+        return world.shard(sampler.next_batch(global_prompts))
+
     tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G, prompts_per_epoch=prompts_per_epoch,
                              histogram_every=cfg.logging.histogram_every,
                              correct_criterion=cfg.logging.correct_criterion,
@@ -353,12 +379,15 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
         if saved.get("upcoming"):  # sampled before the checkpoint; its scoring is redone
             up = saved["upcoming"]
             upcoming = submit_scoring(cfg, tokenizer, up["samples"], up["prompts"], up["rollout"], scorer, late=True)
-    completions_log = open(run_dir / "completions.jsonl", "a", encoding="utf-8")
-    breakdown_log = open(run_dir / "reward_breakdown.jsonl", "a", encoding="utf-8")
+    # Only rank 0 writes files; the other ranks' lines go nowhere.
+    completions_log = open(run_dir / "completions.jsonl" if world.is_main else os.devnull, "a", encoding="utf-8")
+    breakdown_log = open(run_dir / "reward_breakdown.jsonl" if world.is_main else os.devnull, "a", encoding="utf-8")
     start_time = time.perf_counter() - elapsed_before
 
     def checkpoint(step: int) -> float:
         """Save checkpoint `step` (after its logs are written, so their sizes include it)."""
+        if not world.is_main:
+            return 0.0
         begin = time.perf_counter()
         save_adapters(model, run_dir, adapter_config)
         save_checkpoint(run_dir, step, model, optimizer, keep=cfg.train.keep_checkpoints, state={
@@ -383,7 +412,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             # 1-2. Rollout: B prompts x G samples, all decoded together, then scored in the
             # background. With rollout.pipeline this batch was sampled during the previous step.
             if upcoming is None:
-                current = sample_and_score(step, cfg, model, tokenizer, sampler.next_batch(B), scorer)
+                current = sample_and_score(step, cfg, model, tokenizer, next_prompts(), scorer, rank=world.rank)
             else:
                 current, upcoming = upcoming, None
             rollout, prompts = current.rollout, current.prompts
@@ -393,7 +422,8 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             # 3. Meanwhile: the train batch and the log-probs the update needs that do not depend on
             # rewards, and (pipeline) the next batch, sampled by the weights before this update.
             if cfg.rollout.pipeline and step < cfg.train.steps:
-                upcoming = sample_and_score(step + 1, cfg, model, tokenizer, sampler.next_batch(B), scorer, late=True)
+                upcoming = sample_and_score(step + 1, cfg, model, tokenizer, next_prompts(), scorer, late=True,
+                                            rank=world.rank)
                 gen_time += upcoming.rollout.generation_time_s
             peaks = {"rollout": phase_peak_gb()}
             batch = to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated,
@@ -414,15 +444,16 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
                                                valid=mx.array(scored.valid))
             if not scored.valid.all():
                 batch = batch.keep_rows(scored.valid)
-            has_signal = (cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item()
+            # Ranks agree: any signal anywhere means every rank joins the update.
+            has_signal = world.any((cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item())
             adv_time = time.perf_counter() - adv_start
 
             # 5. Update: clipped surrogate against the sampling policy, optional KL to the base model.
             # A batch where every group scored alike carries no signal; stepping AdamW on its zero
             # gradient would still move the weights along stale momentum, so skip it.
             update_start = time.perf_counter()
-            stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, old_logprobs,
-                                  ref_logprobs) if has_signal else dict(NO_UPDATE_STATS)
+            stats = update_policy(model, optimizer, loss_and_grad, cfg, batch, advantages, old_logprobs, ref_logprobs,
+                                  world, local=bool(scored.valid.any())) if has_signal else dict(NO_UPDATE_STATS)
             update_time = time.perf_counter() - update_start
             peaks["update"] = phase_peak_gb()
 
@@ -438,37 +469,50 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             else:
                 nonfinite_run = 0
 
-            # 6. Log one record.
+            # 6. Log one record, of the whole global batch: every rank's completions are gathered
+            # (every rank computes the same record; rank 0's sinks write it).
             state.step = step
-            step_time = time.perf_counter() - step_start
             timings = {"gen": gen_time, "ref": ref_time, "adv": adv_time,
                        "reward": (current.scored_at[0] if current.scored_at else wait_start + reward_wait)
                        - current.score_start,
                        "update_actor": update_time, "save_checkpoint": save_time}  # the latest save
-            backprop_speed = batch.num_tokens * cfg.grpo.num_iterations / update_time if has_signal else None
-            lengths = np.array([len(c) for c in rollout.completion_tokens])
-            record = step_record(cfg, step, stats, scored, scorer, rollout, lengths, prompts, advantages, optimizer)
+            gen_speed, backprop_speed = world.sum([rollout.tokens_per_sec, batch.num_tokens * cfg.grpo.num_iterations
+                                                   / update_time if has_signal else 0.0])  # tokens/s of all ranks
+            backprop_speed = backprop_speed if has_signal else None
+            seen = gather_step(world, scored, rollout, prompts, np.array(advantages))
+            eval_record = {}
+            if eval_items and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                eval_record = held_out_record(cfg, model, tokenizer, eval_items, scorer) if world.is_main else {}
+                timings["eval"] = eval_record.pop("timing_s/eval", 0.0)
+            step_time = time.perf_counter() - step_start
+            record = step_record(cfg, step, stats, seen.scored, scorer, seen.finish_reasons, seen.lengths,
+                                 seen.prompt_lengths, seen.advantages, optimizer)
+            record.update(eval_record)
             record.update(timing_records(timings, reward_wait, step_time, rollout, batch.num_tokens))
             record["time/elapsed_s"] = time.perf_counter() - start_time
             record["health/nonfinite_skips"] = float(state.nonfinite_skips)
-            record["epoch"] = step * B / prompts_per_epoch  # the same epochs as Epoch/*
+            record["epoch"] = step * global_prompts / prompts_per_epoch  # the same epochs as Epoch/*
             usage = scorer.usage
             if scorer.teacher is not None or usage.requests:
                 record.update(teacher_metrics(usage.since(usage_before), usage, scorer.latencies))
             if step % cfg.logging.performance_every == 0 or step == 1:  # "every N batches", as in the seed
-                record["Performance/Generation_TokensPerSec"] = rollout.tokens_per_sec
+                record["Performance/Generation_TokensPerSec"] = gen_speed
                 record["Performance/Generation_Time"] = rollout.generation_time_s
             if backprop_speed is not None:  # a skipped update measured no backprop speed
                 record["Performance/Backprop_TokensPerSec"] = backprop_speed
-            record.update(tracker.update(step, record, scored, B, rollout.tokens_per_sec, backprop_speed,
-                                         np.array(rollout.truncated), lengths))
+            record.update(tracker.update(step, record, seen.scored, global_prompts, gen_speed, backprop_speed,
+                                         seen.truncated, seen.lengths))
             busy = gen_time + ref_time + update_time  # seconds MLX computed this step
             record.update(system_stats.snapshot(busy_s=busy, wall_s=step_time))
             record.update({f"memory/peak_{phase}_gb": gb for phase, gb in peaks.items()})
             record["System/GPU_Memory_Peak_GB"] = max(peaks.values())  # this step's peak (reset per phase)
             health_scalars, warnings = health.update(step, record)
             record.update(health_scalars)
-            spent = scorer.budget_exhausted()
+            spent, interrupted = scorer.budget_exhausted(), should_stop()
+            if world.size > 1:  # one rank's reason to stop stops them all, at the same step
+                any_spent, any_interrupted = world.sum([float(spent is not None), float(interrupted)])
+                spent = spent or ("the teacher budget is spent on another rank" if any_spent else None)
+                interrupted = any_interrupted > 0
             run_complete = step == cfg.train.steps or spent is not None  # (an interrupted run is resumed)
             if run_complete:
                 record.update(tracker.close_epoch())  # the last, partial epoch: short runs get Epoch/* too
@@ -492,7 +536,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
             if spent is not None:
                 state.stop_reason = f"{spent}; stopped after step {step}"
                 hub.log_text(step, "Notices", state.stop_reason)
-            elif should_stop():
+            elif interrupted:
                 state.stop_reason = f"interrupted; stopped after step {step}"
             last = step == cfg.train.steps or state.stop_reason is not None
             if last or (cfg.train.save_every and step % cfg.train.save_every == 0):
@@ -504,9 +548,9 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     finally:
         # Whatever ends the loop (done, budget, teacher down, a crash), the trained weights are kept.
         system_stats.stop()
-        if state.step > saved_step and state.step >= first_step:
+        if state.step > saved_step and state.step >= first_step and world.is_main:
             save_adapters(model, run_dir, adapter_config)
-        if run_complete:
+        if run_complete and world.is_main:
             final, table = tracker.finish()
             hub.log_summary(state.step, final, table)
             (run_dir / "summary.json").write_text(json.dumps({"step": state.step, **final, "criteria": [
@@ -517,20 +561,19 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
     return state
 
 
-def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, rollout, lengths: np.ndarray, prompts,
-                advantages, optimizer) -> dict:
+def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, finish_reasons: list[str],
+                lengths: np.ndarray, prompt_lengths: list[int], advantages: np.ndarray, optimizer) -> dict:
     """The step's own metrics (everything that needs no history), named as in the seed references."""
     G = cfg.rollout.group_size
     lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else optimizer.learning_rate
-    adv = np.array(advantages)[scored.valid] if scored.valid.any() else np.zeros(1)
+    adv = advantages[scored.valid] if scored.valid.any() else np.zeros(1)
     record = {
         "Train/Loss": stats["loss"],
         "Train/PolicyLoss": stats["policy_loss"],
         "Train/KLPenalty": cfg.grpo.beta * stats["kl"],
         **reward_metrics(scored.rewards, scored.valid, G),
         **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
-        **length_metrics(lengths.tolist(), [len(p) for p in prompts],
-                         rollout.finish_reasons, cfg.rollout.max_new_tokens),
+        **length_metrics(lengths.tolist(), prompt_lengths, finish_reasons, cfg.rollout.max_new_tokens),
         "actor/update_skipped": float("entropy" not in stats),
         "actor/pg_loss": stats["policy_loss"],
         "actor/grad_norm": stats["grad_norm"],
@@ -552,6 +595,43 @@ def step_record(cfg: Config, step: int, stats: dict, scored, scorer: Scorer, rol
     if "entropy" in stats:  # measured by the update's forward pass; a skipped update has none
         record["actor/entropy_loss"] = stats["entropy"]
     return record
+
+
+@dataclass
+class StepView:
+    """What the step's record is made of, over the completions of every rank."""
+    scored: RewardBatch
+    lengths: np.ndarray
+    truncated: np.ndarray
+    finish_reasons: list[str]
+    prompt_lengths: list[int]
+    advantages: np.ndarray
+
+
+def gather_step(world: World, scored: RewardBatch, rollout: Rollout, prompts: list[list[int]],
+                advantages: np.ndarray) -> StepView:
+    """This rank's completions, or with several ranks all of them (rank 0's first)."""
+    names = sorted(scored.criterion_scores)
+    columns = world.gather(np.stack([scored.rewards, scored.valid, *(scored.criterion_scores[n] for n in names),
+                                     [len(c) for c in rollout.completion_tokens], rollout.truncated,
+                                     advantages], axis=1).astype(np.float32))
+    rewards, valid, *criteria, lengths, truncated, adv = columns.T
+    gathered = RewardBatch(rewards=rewards, criterion_scores=dict(zip(names, criteria)), valid=valid.astype(bool),
+                           justifications=scored.justifications)
+    prompt_lengths = world.gather(np.array([len(p) for p in prompts], dtype=np.float32)).astype(int).tolist()
+    truncated = truncated.astype(bool)
+    return StepView(gathered, lengths.astype(int), truncated, ["length" if t else "stop" for t in truncated],
+                    prompt_lengths, adv)
+
+
+def held_out_record(cfg: Config, model, tokenizer, items: list[dict], scorer: Scorer) -> dict:
+    """eval/* scalars of the current weights on the fixed held-out subset."""
+    e = cfg.eval
+    result = evaluate(model, tokenizer, items, scorer, samples=e.samples, max_new_tokens=cfg.rollout.max_new_tokens,
+                      temperature=e.temperature, top_p=cfg.rollout.top_p, seed=cfg.train.seed,
+                      system_prompt=cfg.data.system_prompt or None, correct_criterion=cfg.logging.correct_criterion,
+                      correct_threshold=cfg.logging.correct_threshold, chunk_rows=e.chunk_rows)
+    return {**{f"eval/{key}": value for key, value in result.metrics.items()}, "timing_s/eval": result.seconds}
 
 
 def timing_records(timings: dict[str, float], reward_wait: float, step_time: float, rollout, num_tokens: int) -> dict:
