@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import json
 import os
 import sys
 import sysconfig
@@ -80,12 +81,38 @@ def _cmeel_openblas() -> str | None:
     return None
 
 
+def threads_per_local_rank(hosts: list, rank: int, cpus: int) -> int | None:
+    """BLAS threads for `rank` when several ranks of an mx.distributed ring run on its machine.
+
+    hosts: the ring hostfile mlx.launch writes, one list of "ip:port" per rank. Ranks that share an
+    IP share its cores; every OpenBLAS process would otherwise start one thread per core, and the
+    oversubscribed machine runs 10x slower. None when the rank is alone on its machine.
+    """
+    ips = [entry[0].rsplit(":", 1)[0] for entry in hosts]
+    sharing = ips.count(ips[rank])
+    return max(1, cpus // sharing) if sharing > 1 else None
+
+
+def _limit_threads_for_local_ranks() -> None:
+    """Set OPENBLAS_NUM_THREADS (unless the user did) for ranks sharing a machine; see above."""
+    if "OPENBLAS_NUM_THREADS" in os.environ or not os.environ.get("MLX_HOSTFILE") or "MLX_RANK" not in os.environ:
+        return
+    try:
+        hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+        threads = threads_per_local_rank(hosts, int(os.environ["MLX_RANK"]), os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError, TypeError, AttributeError):
+        return  # not a ring hostfile we understand: leave the defaults
+    if threads is not None:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+
+
 def load_optimized_blas() -> str | None:
     """Load the fastest available BLAS globally (Linux only); warn once if there is none."""
     global loaded_blas, _attempted
     if _attempted or not sys.platform.startswith("linux"):
         return loaded_blas
     _attempted = True
+    _limit_threads_for_local_ranks()  # read by OpenBLAS when it loads
     override = os.environ.get("MLX_GRPO_BLAS", "")
     if override.lower() == "none":
         return None

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_grpo.blas import threads_per_local_rank
 from mlx_grpo.distributed import World
 
 WORKER = Path(__file__).parent / "dp_worker.py"
@@ -38,8 +39,7 @@ def free_port_pair() -> int:
 
 
 def run_worker(out: Path, ranks: int, batch_size: int, steps: int, *extra: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
-    env["OPENBLAS_NUM_THREADS"] = "1"  # two ranks share two cores
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_") and k != "OPENBLAS_NUM_THREADS"}
     worker = [sys.executable, str(WORKER), str(out), "--batch-size", str(batch_size), "--steps", str(steps), *extra]
     if ranks == 1:
         cmd = worker
@@ -96,3 +96,13 @@ def test_single_process_world_is_a_no_op():
     assert world.sum([1.5, 2.0]) == [1.5, 2.0] and world.any(True) and not world.any(False)
     assert world.shard(list(range(4))) == [0, 1, 2, 3]
     assert World(rank=1, size=2).shard(list(range(4))) == [2, 3]
+
+
+def test_ranks_sharing_a_machine_split_its_blas_threads():
+    local = [["127.0.0.1:5000"], ["127.0.0.1:5001"]]
+    assert threads_per_local_rank(local, 0, 16) == threads_per_local_rank(local, 1, 16) == 8
+    assert threads_per_local_rank(local, 1, 1) == 1
+    two_macs = [["192.168.1.10:5000"], ["192.168.1.11:5000"]]
+    assert threads_per_local_rank(two_macs, 0, 8) is None  # alone on its machine: BLAS decides
+    mixed = [["10.0.0.1:1"], ["10.0.0.1:2"], ["10.0.0.1:3"], ["10.0.0.2:1"]]
+    assert threads_per_local_rank(mixed, 2, 12) == 4 and threads_per_local_rank(mixed, 3, 12) is None
