@@ -85,3 +85,6 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+        # W&B keeps process-wide settings (mode, key) from its first run; drop them, so a later run
+        # in this process reads its own settings and environment.
+        self.wandb.teardown()
