@@ -10,6 +10,7 @@ TensorBoard shows; noisy per-step curves get a moving average (--window).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def plot_run(logdir: Path, out: Path, window: int = 10, title: str | None = None) -> Path:
+def plot_run(logdir: Path, out: Path, window: int = 10, title: str | None = None, eval_json: Path | None = None) -> Path:
+    """The figure; eval_json (written by `uv run eval --compare base`) adds the base model's
+    held-out reward and pass@1 as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -57,6 +60,9 @@ def plot_run(logdir: Path, out: Path, window: int = 10, title: str | None = None
         ax.plot(s, moving_average(v, window), lw=1, alpha=0.8, label=tag[len("Scoring/"):-len("_score")])
     if "eval/mean_reward" in scalars:
         ax.plot(*scalars["eval/mean_reward"], "o-", color="black", label="held-out reward")
+    base = json.loads(eval_json.read_text()).get("base") if eval_json else None
+    if base:
+        ax.axhline(base["mean_reward"], ls="--", color="gray", label="held-out reward, base model")
     ax.set(title="Training reward (rubric)", xlabel="step", ylabel="score in [0, 1]", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="upper left")
 
@@ -66,7 +72,9 @@ def plot_run(logdir: Path, out: Path, window: int = 10, title: str | None = None
         ax.plot(s, moving_average(v, window), color="tab:green", lw=2, label=f"train pass@1, {window}-step mean")
     if "eval/pass_at_1" in scalars:
         ax.plot(*scalars["eval/pass_at_1"], "o-", color="black", label="held-out pass@1")
-    ax.set(title="Correct answers", xlabel="step", ylabel="fraction", ylim=(-0.02, 1.02))
+    if base:
+        ax.axhline(base["pass_at_1"], ls="--", color="gray", label="held-out pass@1, base model")
+    ax.set(title="Correct answers (held out)", xlabel="step", ylabel="fraction", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="upper left")
 
     ax = axes[2]
@@ -98,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="PNG to write (default: <logdir>/reward.png).")
     parser.add_argument("--window", type=int, default=10, help="Moving-average window in steps.")
     parser.add_argument("--title", help="Figure title (default: run name, steps and minutes).")
+    parser.add_argument("--eval-json", type=Path, help="An eval.json from `uv run eval --compare base`: draw the base model's held-out scores.")
     args = parser.parse_args(argv)
     if not args.logdir.is_dir():
         print(f"error: {args.logdir} is not a directory", file=sys.stderr)
         return 2
-    out = plot_run(args.logdir, args.out or args.logdir / "reward.png", max(1, args.window), args.title)
+    out = plot_run(args.logdir, args.out or args.logdir / "reward.png", max(1, args.window), args.title, args.eval_json)
     print(f"wrote {out}")
     return 0
 
