@@ -50,7 +50,8 @@ class DataConfig:
     dataset: str = opt("arithmetic", "A built-in task name ('arithmetic' or 'coding') or a path to a JSONL file with a 'prompt' field.")
     train_size: int = opt(2000, "Number of training prompts generated for built-in tasks (one epoch).")
     test_size: int = opt(200, "Number of held-out prompts generated for built-in tasks.")
-    max_ops: int = opt(3, "Arithmetic task difficulty: at most this many operations per problem (1-3 is the usual range).")
+    max_ops: int = opt(1, "Arithmetic task difficulty: at most this many operations per problem (1-3). The 135M demo "
+                          "model learns at 1 within minutes on a CPU; see docs/results.md.")
     max_operand: int = opt(20, "Arithmetic task difficulty: largest number in a problem.")
     system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
     on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
@@ -61,7 +62,7 @@ class DataConfig:
 class RolloutConfig:
     batch_size: int = opt(1, "Prompts per step (B).")
     group_size: int = opt(8, "Completions per prompt (G); advantages are relative within a group.")
-    max_new_tokens: int = opt(80, "Maximum completion length in tokens.")
+    max_new_tokens: int = opt(64, "Maximum completion length in tokens.")
     temperature: float = opt(0.8, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
     pipeline: bool = opt(False, "Generate the next batch while the teacher scores this one. That batch then trains one "
@@ -101,7 +102,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(30, "Optimizer steps to run.")
+    steps: int = opt(60, "Optimizer steps to run.")
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
     save_every: int = opt(10, "Save a checkpoint (and the adapters) every N steps (0 = only at the end).")
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints in <run>/checkpoints (0 = keep all).")
