@@ -5,7 +5,6 @@ adapter weights, the same loss sequence, and no step missing or repeated in any 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

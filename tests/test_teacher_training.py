@@ -4,7 +4,6 @@ against the scripted OpenAI-compatible server, rubric hot reload, and a teacher 
 from __future__ import annotations
 
 import json
-from collections import deque
 from pathlib import Path
 
 import numpy as np
