@@ -17,6 +17,7 @@ import numpy as np
 
 from mlx_grpo.data import build_prompt_tokens
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.metrics.record import correct_mask
 from mlx_grpo.rewards import contiguous_groups
 from mlx_grpo.rollout import generate_rollout
 
@@ -71,12 +72,6 @@ class EvalResult:
     metrics: dict[str, float]
     rows: list[dict] = field(default_factory=list)  # one per completion: prompt index, text, reward, scores
     seconds: float = 0.0
-
-
-def correct_mask(scored, criterion: str, threshold: float) -> np.ndarray:
-    """Which completions count as correct: `criterion`'s score (or the total reward) >= threshold."""
-    values = scored.criterion_scores[criterion] if criterion else scored.rewards
-    return np.nan_to_num(values, nan=-math.inf) >= threshold
 
 
 def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_new_tokens: int,

@@ -6,6 +6,8 @@ response_length/*, completion/*, timing_s/* (the TinyZero-style groups).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -59,6 +61,13 @@ def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], fin
         "tokens/response_total": float(lengths.sum()),
         "tokens/overall_total": float(prompts.sum() + lengths.sum()),
     }
+
+
+def correct_mask(scored, criterion: str, threshold: float) -> np.ndarray:
+    """Which completions count as correct: `criterion`'s score (the total reward when criterion is
+    empty, or no longer in the rubric after an edit) is at least `threshold`; unscored ones are not."""
+    values = scored.criterion_scores.get(criterion, scored.rewards) if criterion else scored.rewards
+    return np.nan_to_num(values, nan=-math.inf) >= threshold
 
 
 def correctness_metrics(correct: np.ndarray, truncated: np.ndarray, lengths: np.ndarray) -> dict[str, float]:

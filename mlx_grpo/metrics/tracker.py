@@ -12,13 +12,12 @@ percentile of the per-step speeds). A mean hides stalls; this is the number that
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlx_grpo.metrics.record import correctness_metrics
+from mlx_grpo.metrics.record import correct_mask, correctness_metrics
 
 RECENT = 10  # samples in rewards/*_recent_mean, and the minimum before a histogram is logged
 
@@ -128,7 +127,7 @@ class MetricsTracker:
         rewards = scored.rewards[valid]
         extra.update(self._reward_tags(step, columns, rewards))
 
-        correct = self._correct(scored)
+        correct = correct_mask(scored, self.correct_criterion, self.correct_threshold)
         extra.update(pass_rates(correct, valid, self.group_size))
         extra.update(correctness_metrics(correct[valid], truncated[valid], lengths[valid]))
 
@@ -162,15 +161,6 @@ class MetricsTracker:
         # As in the W&B guide: the sum of the reward functions' (criteria's) means.
         tags["rewards/total_mean"] = float(sum(means))
         return tags
-
-    def _correct(self, scored) -> np.ndarray:
-        if self.correct_criterion:
-            values = scored.criterion_scores.get(self.correct_criterion)
-            if values is None:  # the criterion was removed by a rubric edit: fall back to the reward
-                values = scored.rewards
-        else:
-            values = scored.rewards
-        return np.nan_to_num(values, nan=-math.inf) >= self.correct_threshold
 
     def close_epoch(self) -> dict[str, float]:
         """Epoch/* of the epoch in progress (at the end of a run), or {} if it just closed."""
