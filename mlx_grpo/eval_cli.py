@@ -63,7 +63,7 @@ def eval_config(args, run_dir: Path | None) -> Config:
 def run_eval(args, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mlx_grpo.evaluate import evaluate, held_out_items, load_run_adapters
+    from mlx_grpo.evaluate import evaluate_with_config, held_out_items, load_run_adapters
     from mlx_grpo.models import adapters_disabled, has_lora, load_model, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
@@ -104,13 +104,8 @@ def run_eval(args, console) -> int:
             with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
                           TimeElapsedColumn(), console=console) as bar:
                 task = bar.add_task(label, total=len(items))
-                return evaluate(model, tokenizer, items, scorer, samples=e.samples,
-                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=e.temperature,
-                                top_p=cfg.rollout.top_p, seed=cfg.train.seed,
-                                system_prompt=cfg.data.system_prompt or None,
-                                correct_criterion=cfg.logging.correct_criterion,
-                                correct_threshold=cfg.logging.correct_threshold, chunk_rows=e.chunk_rows,
-                                progress=lambda done, total: bar.update(task, completed=done))
+                return evaluate_with_config(model, tokenizer, items, scorer, cfg,
+                                            progress=lambda done, total: bar.update(task, completed=done))
 
         results = {}
         if run_dir is None:

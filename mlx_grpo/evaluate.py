@@ -123,6 +123,17 @@ def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_n
     return EvalResult(metrics, rows, time.perf_counter() - start_time)
 
 
+def evaluate_with_config(model, tokenizer, items: list[dict], scorer, cfg, progress=None) -> EvalResult:
+    """`evaluate` with the settings of a run's config: its eval section, completion length, top-p,
+    seed, system prompt and correctness rule."""
+    return evaluate(model, tokenizer, items, scorer, samples=cfg.eval.samples,
+                    max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
+                    top_p=cfg.rollout.top_p, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt or None,
+                    correct_criterion=cfg.logging.correct_criterion,
+                    correct_threshold=cfg.logging.correct_threshold, chunk_rows=cfg.eval.chunk_rows,
+                    progress=progress)
+
+
 def held_out_items(cfg) -> list[dict]:
     """The held-out prompts: eval.dataset if set, else the built-in task's test split."""
     from mlx_grpo.data import BUILTIN_TASKS, load_dataset

@@ -26,7 +26,7 @@ from mlx_grpo.checkpoint import load_checkpoint, log_sizes, save_checkpoint
 from mlx_grpo.config import Config
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.distributed import World
-from mlx_grpo.evaluate import evaluate
+from mlx_grpo.evaluate import evaluate_with_config
 from mlx_grpo.forward import checkpoint_blocks
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
@@ -212,17 +212,18 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
     totals: dict[str, float] = {}
     grad_norm = mx.array(0.0)
     for _ in range(g.num_iterations):
-        grads = None
-        for m, adv, old_lp, ref_lp in zip(micro, micro_adv, old, ref):
-            if not local:
-                break
-            (loss, stats), step_grads = loss_and_grad(model, m, adv, old_lp, ref_lp)
-            grads = step_grads if grads is None else tree_map(mx.add, grads, step_grads)
-            stats = {"loss": loss, **stats}
-            mx.eval(grads, stats)
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value.item() / (accum * g.num_iterations)
-        grads = tree_map(lambda x: x / accum, grads) if local else tree_map(mx.zeros_like, model.trainable_parameters())
+        if local:
+            grads = None
+            for m, adv, old_lp, ref_lp in zip(micro, micro_adv, old, ref):
+                (loss, stats), step_grads = loss_and_grad(model, m, adv, old_lp, ref_lp)
+                grads = step_grads if grads is None else tree_map(mx.add, grads, step_grads)
+                stats = {"loss": loss, **stats}
+                mx.eval(grads, stats)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value.item() / (accum * g.num_iterations)
+            grads = tree_map(lambda x: x / accum, grads)
+        else:  # nothing of ours to train: zeros, which the weighted combination gives no weight
+            grads = tree_map(mx.zeros_like, model.trainable_parameters())
         grads = world.combine_gradients(grads, weight)
         if cfg.optim.max_grad_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
@@ -626,11 +627,7 @@ def gather_step(world: World, scored: RewardBatch, rollout: Rollout, prompts: li
 
 def held_out_record(cfg: Config, model, tokenizer, items: list[dict], scorer: Scorer) -> dict:
     """eval/* scalars of the current weights on the fixed held-out subset."""
-    e = cfg.eval
-    result = evaluate(model, tokenizer, items, scorer, samples=e.samples, max_new_tokens=cfg.rollout.max_new_tokens,
-                      temperature=e.temperature, top_p=cfg.rollout.top_p, seed=cfg.train.seed,
-                      system_prompt=cfg.data.system_prompt or None, correct_criterion=cfg.logging.correct_criterion,
-                      correct_threshold=cfg.logging.correct_threshold, chunk_rows=e.chunk_rows)
+    result = evaluate_with_config(model, tokenizer, items, scorer, cfg)
     return {**{f"eval/{key}": value for key, value in result.metrics.items()}, "timing_s/eval": result.seconds}
 
 
