@@ -6,7 +6,6 @@ A dataset is a list of dicts with at least a string "prompt". Every other field 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.tasks.largest import largest_dataset
+from mlx_grpo.tasks.split import split_of
 
 # Appended to each problem in the user turn: a 135M model follows an instruction there far more
 # often than in the system prompt (measured: about 10x more completions with the tags).
@@ -113,7 +114,7 @@ def _render(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str
     return " ".join(parts).replace("There are 1 ", "There is 1 ")
 
 
-def _make_problem(rng: random.Random, max_ops: int, max_operand: int) -> dict:
+def _make_problem(rng: random.Random, max_ops: int, max_operand: int, instruction: str = FORMAT_INSTRUCTION) -> dict:
     """One problem with non-negative intermediate values (resampled until it has them)."""
     k = rng.randint(1, max_ops)
     while True:
@@ -129,24 +130,18 @@ def _make_problem(rng: random.Random, max_ops: int, max_operand: int) -> dict:
             break
     question = _render(rng, start, steps)
     return {
-        "prompt": f"{question}\n\n{FORMAT_INSTRUCTION}",
+        "prompt": f"{question}\n\n{instruction}",
         "question": question,
         "answer": str(values[-1]),
         "task": "arithmetic",
         "num_ops": k,
+        "difficulty": k,
         "expression": _expression(start, steps),
     }
 
 
-def _split_of(text: str, test_every: int = 10) -> str:
-    """Stable split from the text itself: the same text always lands in the same split.
-
-    About one text in `test_every` is "test".
-    """
-    return "test" if int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % test_every == 0 else "train"
-
-
-def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_operand: int = 20) -> list[dict]:
+def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_operand: int = 20,
+                       instruction: str = "") -> list[dict]:
     """`size` distinct arithmetic word problems of the given split ("train" or "test").
 
     Deterministic in (split, size, seed, max_ops, max_operand). Train and test never share a
@@ -166,8 +161,8 @@ def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_o
             raise UserInputError(
                 f"arithmetic: could not make {size} distinct {split} problems; raise max_operand or max_ops"
             )
-        item = _make_problem(rng, max_ops, max_operand)
-        if item["question"] in seen or _split_of(item["question"]) != split:
+        item = _make_problem(rng, max_ops, max_operand, instruction or FORMAT_INSTRUCTION)
+        if item["question"] in seen or split_of(item["question"]) != split:
             continue
         seen.add(item["question"])
         items.append(item)
@@ -183,7 +178,7 @@ def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_o
 _CODING_FILE = "python_functions.jsonl"
 
 
-def coding_dataset(split: str, size: int | None, seed: int) -> list[dict]:
+def coding_dataset(split: str, size: int | None, seed: int, instruction: str = "") -> list[dict]:
     """The packaged Python-function tasks of the given split ("train" or "test"), shuffled by seed.
 
     The split is a hash of the task id (about 20% test), so train and test never share a task.
@@ -203,10 +198,10 @@ def coding_dataset(split: str, size: int | None, seed: int) -> list[dict]:
         if not line.strip():
             continue
         row = json.loads(line)
-        if _split_of(f"coding:{row['id']}", test_every=5) != split:
+        if split_of(f"coding:{row['id']}", test_every=5) != split:
             continue
         items.append({
-            "prompt": f"{row['task']}\n\n{CODE_INSTRUCTION}",
+            "prompt": f"{row['task']}\n\n{instruction or CODE_INSTRUCTION}",
             "tests": list(row["tests"]),
             "entry_point": row["entry_point"],
             "id": row["id"],
@@ -300,13 +295,23 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
 # ---------------------------------------------------------------------------------------------
 # Dataset entry point
 
-# Built-in task name -> builder(split, size, seed, max_ops=..., max_operand=...); only arithmetic
-# uses the difficulty options.
+# Built-in task name -> builder(split, size, seed, **task options). Every task takes `instruction`
+# (the text after the question; "" = the task's own) and its own difficulty options (largest:
+# list_size, max_value; arithmetic: max_ops, max_operand), and ignores the others' options.
 BUILTIN_TASKS = {
-    "arithmetic": arithmetic_dataset,
-    "coding": lambda split, size, seed, **_: coding_dataset(split, size, seed),
+    "largest": lambda split, size, seed, list_size=3, max_value=99, instruction="", **_: largest_dataset(
+        split, size, seed, list_size=list_size, max_value=max_value, instruction=instruction),
+    "arithmetic": lambda split, size, seed, max_ops=3, max_operand=20, instruction="", **_: arithmetic_dataset(
+        split, size, seed, max_ops=max_ops, max_operand=max_operand, instruction=instruction),
+    "coding": lambda split, size, seed, instruction="", **_: coding_dataset(split, size, seed, instruction),
 }
 _DEFAULT_SIZES = {"train": 2000, "test": 200}
+
+
+def task_options(data_cfg) -> dict:
+    """The built-in tasks' options (instruction and difficulty) from a config's data section."""
+    return {"max_ops": data_cfg.max_ops, "max_operand": data_cfg.max_operand, "list_size": data_cfg.list_size,
+            "max_value": data_cfg.max_value, "instruction": data_cfg.instruction}
 
 
 def load_dataset(
@@ -315,20 +320,19 @@ def load_dataset(
     seed: int = 0,
     size: int | None = None,
     on_bad_line: str = "error",
-    max_ops: int = 3,
-    max_operand: int = 20,
+    **options,
 ) -> list[dict]:
-    """A built-in task by name ("arithmetic", "coding") or the rows of a .jsonl file.
+    """A built-in task by name ("largest", "arithmetic", "coding") or the rows of a .jsonl file.
 
     Built-in tasks have "train" and "test" splits; size defaults to 2000 / 200 (coding has 40
-    tasks in all and returns its whole split when size exceeds it); max_ops and max_operand set
-    the arithmetic task's difficulty.
+    tasks in all and returns its whole split when size exceeds it). `options` are the tasks'
+    options: instruction, list_size and max_value for largest, max_ops and max_operand for arithmetic.
     A JSONL file is a single split: `split` is ignored and every row is returned (the first
     `size` rows when size is given); name a second file for held-out evaluation.
     """
     if spec in BUILTIN_TASKS:
         n = _DEFAULT_SIZES.get(split, 0) if size is None else size
-        return BUILTIN_TASKS[spec](split, n, seed, max_ops=max_ops, max_operand=max_operand)
+        return BUILTIN_TASKS[spec](split, n, seed, **options)
     path = Path(spec).expanduser()
     if path.is_file():
         rows, _ = load_jsonl(path, on_bad_line=on_bad_line)

@@ -147,6 +147,11 @@ def last_number(text: str) -> float | None:
     return None if match is None else float(match.group().replace(",", ""))
 
 
+def numbers_in(text: str) -> list[float]:
+    """Every number in `text`, in order, read as `last_number` reads one."""
+    return [float(m.group().replace(",", "")) for m in _NUMBER_RE.finditer(text.translate(_UNICODE_MINUS))]
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_expected(answer: str) -> float:
     text = answer.translate(_UNICODE_MINUS)
@@ -168,6 +173,7 @@ def number_check(
     fallback_last_number: bool = True,
     untagged_credit: float = 0.5,
     closeness: float = 0.0,
+    first_number: bool = False,
 ) -> float:
     """Numeric answer against `sample["answer"]` (which must be a number, e.g. "12" or "1,200.5").
 
@@ -179,13 +185,16 @@ def number_check(
          the defaults (0, 0) mean exact equality of the parsed values, so "12.0" matches "12";
     else closeness × max(0, 1 − |got − expected| / max(|expected|, 1)): optional credit for being
          near (off by 100% or more earns nothing); off by default, so the default is all-or-nothing.
+    first_number reads the first number instead of the last, for answers that state the number and
+    then explain it ("98 is larger than 37 and 5").
     """
     expected = _parse_expected(_expected_text(sample, "number_check"))
     tagged = extract_answer(completion)
+    pick = (lambda text: next(iter(numbers_in(text)), None)) if first_number else last_number
     if tagged is not None:
-        got, credit = last_number(tagged), 1.0
+        got, credit = pick(tagged), 1.0
     elif fallback_last_number:
-        got, credit = last_number(completion), untagged_credit
+        got, credit = pick(completion), untagged_credit
     else:
         return 0.0
     if got is None:
@@ -198,6 +207,19 @@ def number_check(
     return credit * closeness * nearness
 
 
+def short_answer(completion: str, sample: dict, *, max_words: int = 4, max_numbers: int = 1) -> float:
+    """Rewards stopping once the answer is given: 1.0 for at most `max_words` words (whitespace-
+    separated), falling linearly to 0.0 at three times that; 0.0 when the completion holds more
+    than `max_numbers` numbers ("78, 78, 78, 78" repeats its answer; "62 is larger than 43" is
+    not "just the number")."""
+    if len(numbers_in(completion)) > max_numbers:
+        return 0.0
+    words = len(completion.split())
+    if words <= max_words:
+        return 1.0
+    return max(0.0, 1.0 - (words - max_words) / (2 * max(max_words, 1)))
+
+
 # The names a rubric's `check:` may use.
 CHECKS = {
     "format_exact": format_exact,
@@ -205,4 +227,5 @@ CHECKS = {
     "answer_check": answer_check,
     "number_check": number_check,
     "python_tests": python_tests,
+    "short_answer": short_answer,
 }
