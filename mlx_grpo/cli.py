@@ -88,14 +88,13 @@ def make_run_dirs(cfg: Config, check: bool = True) -> tuple[Path, Path]:
 
 def validate_inputs(cfg: Config):
     """Check everything the user supplied before the (slow) model load."""
-    from mlx_grpo.data import load_dataset
+    from mlx_grpo.data import task_options, load_dataset
     from mlx_grpo.models import validate_generation_length, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
     rubric = load_rubric(cfg.rubric)
     items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
-                         on_bad_line=cfg.data.on_bad_line, max_ops=cfg.data.max_ops,
-                         max_operand=cfg.data.max_operand)
+                         on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
     validate_model_path(cfg.model.path)
     validate_generation_length(cfg.model.path, cfg.rollout.max_new_tokens)
     names = [c.name for c in rubric.criteria]

@@ -63,7 +63,8 @@ def eval_config(args, run_dir: Path | None) -> Config:
 def run_eval(args, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mlx_grpo.evaluate import evaluate_with_config, held_out_items, load_run_adapters
+    from mlx_grpo.data import task_options
+    from mlx_grpo.evaluate import evaluate_with_config, hack_baselines, held_out_items, load_run_adapters
     from mlx_grpo.models import adapters_disabled, has_lora, load_model, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
@@ -94,9 +95,9 @@ def run_eval(args, console) -> int:
                     "dataset": e.dataset or cfg.data.dataset, "split": "test", "num_prompts": len(items),
                     "samples": e.samples, "temperature": e.temperature, "top_p": cfg.rollout.top_p,
                     "max_new_tokens": cfg.rollout.max_new_tokens, "seed": cfg.train.seed,
-                    "correct_criterion": cfg.logging.correct_criterion or "reward",
+                    "correct_criterion": cfg.logging.correct_criterion or rubric.correct or "reward",
                     "correct_threshold": cfg.logging.correct_threshold,
-                    "difficulty": {"max_ops": cfg.data.max_ops, "max_operand": cfg.data.max_operand}}
+                    "task_options": task_options(cfg.data)}
         console.print(f"Evaluating {len(items)} held-out prompts x {e.samples} samples at temperature "
                       f"{e.temperature} (seed {cfg.train.seed})", soft_wrap=True)
 
@@ -121,9 +122,13 @@ def run_eval(args, console) -> int:
                     results["base"] = run_one("base")
     finally:
         scorer.close()
+    hacks = hack_baselines(items)
     console.print(results_table(results))
+    for line in verdict_lines(results, hacks, settings["correct_criterion"]):
+        console.print(line, soft_wrap=True, markup=False)
     output.write_text(json.dumps({"settings": settings, "seconds": {k: round(r.seconds, 1) for k, r in results.items()},
-                                  **{k: r.metrics for k, r in results.items()}}, indent=1) + "\n")
+                                  "hack_baselines": hacks, **{k: r.metrics for k, r in results.items()}},
+                                 indent=1) + "\n")
     with open(output.with_name(output.stem + "_completions.jsonl"), "w", encoding="utf-8") as f:
         for label, result in results.items():
             for row in result.rows:
@@ -146,13 +151,43 @@ def results_table(results: dict):
         table.add_column("change", justify="right")
     for key in results[labels[0]].metrics:
         values = [results[label].metrics[key] for label in labels]
-        cells = [f"{v:.0f}" if key.startswith("num_") else f"{v:.3f}" for v in values]
-        if len(values) == 2 and not key.startswith("num_"):
+        count = key.startswith(("num_", "distinct_"))
+        cells = [f"{v:.0f}" if count else f"{v:.3f}" for v in values]
+        if len(values) == 2 and not count:
             cells.append(f"{values[1] - values[0]:+.3f}")
         elif len(values) == 2:
             cells.append("")
         table.add_row(key, *cells)
     return table
+
+
+def verdict_lines(results: dict, hacks: dict, correct_criterion: str) -> list[str]:
+    """Accuracy against the cheapest hacks, in words: a trained model that does not beat the best of
+    them has learned a trick (a constant, a copied number), not the task."""
+    from mlx_grpo.evaluate import best_hack_acc
+
+    if not hacks:
+        return ["Hack baselines: none (the held-out answers are not numbers)."]
+    lines = [f"Hack baselines on these prompts: always answering {hacks['best_constant']} scores "
+             f"{100 * hacks['best_constant_acc']:.1f}%"
+             + (f"; always copying the question's {hacks['best_copy']} scores {100 * hacks['best_copy_acc']:.1f}%."
+                if "best_copy" in hacks else ".")]
+    best = best_hack_acc(hacks)
+    for label in [k for k in ("base", "trained") if k in results]:
+        acc = results[label].metrics["pass_at_1"]
+        margin = 100 * (acc - best)
+        if acc > best:
+            lines.append(f"{label}: accuracy ({correct_criterion}) {100 * acc:.1f}%, {margin:.1f} points above the best hack.")
+        else:
+            lines.append(f"{label}: accuracy ({correct_criterion}) {100 * acc:.1f}% does NOT beat the best hack "
+                         f"baseline ({100 * best:.1f}%)" + (": training has not taught the task." if label == "trained" else "."))
+    if "base" in results and "trained" in results:
+        base, trained = (results[k].metrics for k in ("base", "trained"))
+        if trained["distinct_answers"] < 0.5 * base["distinct_answers"]:
+            lines.append(f"trained: only {trained['distinct_answers']:.0f} distinct answers against the base model's "
+                         f"{base['distinct_answers']:.0f} (the most frequent is {100 * trained['top_answer_share']:.0f}% "
+                         "of them): it has collapsed onto a few answers.")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

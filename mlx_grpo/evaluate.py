@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from mlx_grpo.data import build_prompt_tokens
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.metrics.record import correct_mask
+from mlx_grpo.rewards.checks import extract_answer, last_number, normalize, numbers_in
 from mlx_grpo.rewards import contiguous_groups
 from mlx_grpo.rollout import generate_rollout
 
@@ -67,6 +69,65 @@ def eval_metrics(rewards: np.ndarray, valid: np.ndarray, criterion_scores: dict[
     return record
 
 
+def _number_text(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def final_answer(completion: str) -> str | None:
+    """The answer a completion gives, as the answer checks read it: the last number inside the last
+    <answer> tag (its normalised text when it holds no number), else the last number anywhere."""
+    tagged = extract_answer(completion)
+    text = tagged if tagged is not None else completion
+    number = last_number(text)
+    if number is not None and math.isfinite(number):
+        return _number_text(number)
+    return normalize(tagged) if tagged else None
+
+
+def answer_spread(answers: list[str | None]) -> dict[str, float]:
+    """How varied the given answers are: distinct answers, and the share of the most frequent one.
+    A policy that collapsed onto a constant shows few distinct answers and a top share near 1."""
+    given = [a for a in answers if a is not None]
+    if not given:
+        return {"distinct_answers": 0.0, "top_answer_share": 0.0}
+    top = Counter(given).most_common(1)[0][1]
+    return {"distinct_answers": float(len(set(given))), "top_answer_share": top / len(answers)}
+
+
+def hack_baselines(items: list[dict]) -> dict:
+    """The accuracy of the cheapest hacks on these items, which a trained model must beat to have
+    learned anything: always giving the most common answer, and always copying the number at one
+    fixed position of the question (counted from the start and from the end; the best one).
+
+    Only items with a numeric answer count. Returns {} when there are none.
+    """
+    scored = [(last_number(str(s.get("answer", ""))), s) for s in items if s.get("answer") is not None]
+    scored = [(a, s) for a, s in scored if a is not None and math.isfinite(a)]
+    if not scored:
+        return {}
+    constant, hits = Counter(a for a, _ in scored).most_common(1)[0]
+    result = {"best_constant": _number_text(constant), "best_constant_acc": hits / len(scored)}
+    position_hits: Counter = Counter()
+    for answer, sample in scored:
+        numbers = _question_numbers(sample)
+        for i, value in enumerate(numbers):
+            position_hits[f"number {i + 1}"] += value == answer
+            position_hits[f"number {i + 1} from the end"] += numbers[-1 - i] == answer
+    if position_hits:
+        position, hits = max(position_hits.items(), key=lambda kv: kv[1])
+        result.update({"best_copy": position, "best_copy_acc": hits / len(scored)})
+    return result
+
+
+def _question_numbers(sample: dict) -> list[float]:
+    """The numbers of the question itself (not of an instruction appended to it, when the item says)."""
+    return numbers_in(str(sample.get("question") or sample.get("prompt", "")))
+
+
+def best_hack_acc(baselines: dict) -> float:
+    return max(baselines.get("best_constant_acc", 0.0), baselines.get("best_copy_acc", 0.0))
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
@@ -111,6 +172,7 @@ def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_n
         for i, text in enumerate(texts):
             rows.append({"prompt_index": start + i // samples, "completion": text,
                          "reward": float(scored.rewards[i]) if scored.valid[i] else None,
+                         "answer": final_answer(text),
                          "correct": bool(correct[i]), "tokens": len(rollout.completion_tokens[i]),
                          "finish_reason": rollout.finish_reasons[i],
                          "scores": {n: None if np.isnan(c[i]) else round(float(c[i]), 4)
@@ -120,6 +182,7 @@ def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_n
     joined = {key: np.concatenate(value) for key, value in parts.items()}
     metrics = eval_metrics(joined["rewards"], joined["valid"], {n: np.concatenate(c) for n, c in columns.items()},
                            joined["correct"], joined["lengths"], joined["truncated"], samples)
+    metrics.update(answer_spread([row["answer"] for row in rows]))
     return EvalResult(metrics, rows, time.perf_counter() - start_time)
 
 
@@ -129,21 +192,21 @@ def evaluate_with_config(model, tokenizer, items: list[dict], scorer, cfg, progr
     return evaluate(model, tokenizer, items, scorer, samples=cfg.eval.samples,
                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
                     top_p=cfg.rollout.top_p, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt or None,
-                    correct_criterion=cfg.logging.correct_criterion,
+                    correct_criterion=cfg.logging.correct_criterion or scorer.rubric.correct,
                     correct_threshold=cfg.logging.correct_threshold, chunk_rows=cfg.eval.chunk_rows,
                     progress=progress)
 
 
 def held_out_items(cfg) -> list[dict]:
     """The held-out prompts: eval.dataset if set, else the built-in task's test split."""
-    from mlx_grpo.data import BUILTIN_TASKS, load_dataset
+    from mlx_grpo.data import BUILTIN_TASKS, task_options, load_dataset
 
     spec = cfg.eval.dataset or cfg.data.dataset
     if not cfg.eval.dataset and spec not in BUILTIN_TASKS:
         raise UserInputError(f"eval: {spec} has no held-out split; name a held-out JSONL file with eval.dataset "
                              "(or --data for `uv run eval`)")
     return load_dataset(spec, split="test", seed=cfg.train.seed, size=cfg.data.test_size,
-                        on_bad_line=cfg.data.on_bad_line, max_ops=cfg.data.max_ops, max_operand=cfg.data.max_operand)
+                        on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
 
 
 def load_run_adapters(model, run_dir: Path) -> None:

@@ -89,7 +89,7 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
     if o.warmup_steps > 0:
         warmup = optim.linear_schedule(o.learning_rate / (o.warmup_steps + 1), o.learning_rate, o.warmup_steps)
         schedule = optim.join_schedules([warmup, schedule], [o.warmup_steps])
-    return optim.AdamW(learning_rate=schedule, weight_decay=o.weight_decay)
+    return optim.AdamW(learning_rate=schedule, weight_decay=o.weight_decay, bias_correction=o.bias_correction)
 
 
 def prepare_trainable(model, cfg: Config) -> dict:
@@ -358,7 +358,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
 
     tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G, prompts_per_epoch=prompts_per_epoch,
                              histogram_every=cfg.logging.histogram_every,
-                             correct_criterion=cfg.logging.correct_criterion,
+                             correct_criterion=cfg.logging.correct_criterion or scorer.rubric.correct,
                              correct_threshold=cfg.logging.correct_threshold)
     # Judged over several steps: with one prompt per step a single step says little.
     health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10, warmup_steps=cfg.optim.warmup_steps))

@@ -19,7 +19,9 @@ from wandb_reader import read_offline_run
 from mlx_grpo.cli import train_main
 from mlx_grpo.config import load_config, to_dict
 from mlx_grpo.eval_cli import main as eval_main
-from mlx_grpo.evaluate import eval_metrics, pass_at_k, report_ks
+from mlx_grpo.eval_cli import verdict_lines
+from mlx_grpo.evaluate import (EvalResult, answer_spread, best_hack_acc, eval_metrics, final_answer, hack_baselines,
+                               pass_at_k, report_ks)
 from mlx_grpo.models import apply_lora, resolve_model_path, save_adapters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +74,60 @@ def test_eval_metrics_by_hand():
     assert m["truncated_frac"] == pytest.approx(2 / 6)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("<reasoning>3 + 4 = 7</reasoning><answer>12 apples</answer>", "12"),
+    ("The largest number is 45.", "45"),
+    ("It is 1,200.50 or so", "1200.5"),
+    ("<answer>cat</answer> 7", "cat"),       # the tag wins over a number after it
+    ("<answer>  Cat. </answer>", "cat"),
+    ("no number here", None),
+    ("", None),
+])
+def test_final_answer(text, expected):
+    assert final_answer(text) == expected
+
+
+def test_answer_spread():
+    assert answer_spread(["7", "7", "12", None]) == {"distinct_answers": 2.0, "top_answer_share": 0.5}
+    assert answer_spread([None, None]) == {"distinct_answers": 0.0, "top_answer_share": 0.0}
+
+
+def test_hack_baselines_by_hand():
+    items = [
+        {"question": "Which is largest: 5, 9, 2?", "answer": "9"},
+        {"question": "Which is largest: 9, 1, 3?", "answer": "9"},
+        {"question": "Which is largest: 1, 4, 8, 2?", "answer": "8"},
+        {"question": "Which is largest: 3, 6?", "answer": "6", "prompt": "ignored 6 6 6"},
+        {"prompt": "no answer field"},
+    ]
+    hacks = hack_baselines(items)
+    # "9" is right for 2 of the 4 items with answers. Position 2 holds the answer in items 1 and 4,
+    # position 2 from the end in items 1 and 3, position 1 from the end only in item 4.
+    assert hacks["best_constant"] == "9" and hacks["best_constant_acc"] == 0.5
+    assert hacks["best_copy_acc"] == 0.5 and hacks["best_copy"] in ("number 2", "number 2 from the end")
+    assert best_hack_acc(hacks) == 0.5
+    assert hack_baselines([{"prompt": "write code", "tests": ["assert f()"]}]) == {}
+    assert best_hack_acc({}) == 0.0
+
+
+def _result(acc: float, distinct: float, top: float) -> EvalResult:
+    return EvalResult({"pass_at_1": acc, "distinct_answers": distinct, "top_answer_share": top})
+
+
+def test_verdict_says_when_training_does_not_beat_a_hack():
+    hacks = {"best_constant": "12", "best_constant_acc": 0.045, "best_copy": "number 1 from the end",
+             "best_copy_acc": 0.36}
+    lines = verdict_lines({"base": _result(0.30, 60, 0.1), "trained": _result(0.30, 20, 0.5)}, hacks, "Answer")
+    assert "always answering 12 scores 4.5%" in lines[0] and "number 1 from the end scores 36.0%" in lines[0]
+    assert "does NOT beat the best hack baseline (36.0%)" in lines[1]
+    assert "training has not taught the task" in lines[2]
+    assert "only 20 distinct answers against the base model's 60" in lines[3]
+    good = verdict_lines({"base": _result(0.30, 60, 0.1), "trained": _result(0.80, 50, 0.1)}, hacks, "Answer")
+    assert "80.0%, 44.0 points above the best hack" in good[2] and len(good) == 3
+    assert verdict_lines({"trained": _result(0.5, 3, 0.5)}, {}, "reward") == [
+        "Hack baselines: none (the held-out answers are not numbers)."]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny random llama saved as an mlx-lm model directory (with SmolLM2's tokenizer), and a run
@@ -111,9 +167,11 @@ def test_compare_base_prints_both_and_writes_json(tiny_run, capsys):
     assert eval_main(["--run", str(run_dir), "--compare", "base", *flags]) == 0
     table = capsys.readouterr().out
     for text in ("base", "trained", "change", "mean_reward", "pass_at_1", "pass_at_2", "pass_at_4",
-                 "criteria/Answer", "mean_length", "truncated_frac"):
+                 "criteria/Answer", "mean_length", "truncated_frac", "distinct_answers", "top_answer_share",
+                 "Hack baselines on these prompts"):
         assert text in table
     written = json.loads((run_dir / "eval.json").read_text())
+    assert written["hack_baselines"]["best_constant_acc"] > 0 and "best_copy" in written["hack_baselines"]
     assert written["settings"]["num_prompts"] == 6 and written["settings"]["samples"] == 4
     assert written["base"]["num_completions"] == written["trained"]["num_completions"] == 24
     completions = [json.loads(line) for line in (run_dir / "eval_completions.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """The rubric YAML: a named list of weighted criteria, each a programmatic check or a teacher judge.
 
     name: math
+    correct: Answer            # optional; the criterion that decides "correct" (pass@k, accuracy)
     teacher: {...}             # optional; the LLM that scores `judge` criteria
     criteria:
       - name: Answer
@@ -33,7 +34,7 @@ from mlx_grpo.rewards.checks import CHECKS
 from mlx_grpo.rewards.interpolate import interpolate
 from mlx_grpo.rewards.teacher_config import TeacherConfig, parse_teacher
 
-TOP_KEYS = ("name", "criteria", "teacher")
+TOP_KEYS = ("name", "criteria", "teacher", "correct")
 CRITERION_KEYS = ("name", "weight", "check", "params", "judge", "scale")
 
 
@@ -54,6 +55,7 @@ class Rubric:
     path: str
     version: str  # short sha256 of the file's bytes, so logs say exactly which rubric scored
     teacher_config: TeacherConfig | None = None  # who scores the judge criteria
+    correct: str = ""  # the criterion whose full score means a correct answer; "" = the total reward
 
     @property
     def total_weight(self) -> float:
@@ -88,9 +90,15 @@ def load_rubric(path: str | os.PathLike) -> Rubric:
     if not (total > 0 and math.isfinite(total)):
         raise UserInputError(f"{where}: criteria: the total weight must be a positive finite number, got {total}")
 
+    correct = _expand(data.get("correct", ""), where, "correct")
+    names = [c.name for c in criteria]
+    if correct and correct not in names:
+        raise UserInputError(f"{where}: correct: {correct!r} is not a criterion{_hint(str(correct), names)} "
+                             f"(criteria: {', '.join(names)})")
+
     version = hashlib.sha256(raw).hexdigest()[:12]
     return Rubric(name=name.strip(), criteria=criteria, path=where, version=version,
-                  teacher_config=teacher_config)
+                  teacher_config=teacher_config, correct=correct or "")
 
 
 def check_params(check: str) -> dict:
