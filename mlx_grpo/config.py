@@ -47,23 +47,29 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("arithmetic", "A built-in task name ('arithmetic' or 'coding') or a path to a JSONL file with a 'prompt' field.")
+    dataset: str = opt("largest", "A built-in task name ('largest', 'arithmetic' or 'coding') or a path to a JSONL "
+                                  "file with a 'prompt' field.")
     train_size: int = opt(2000, "Number of training prompts generated for built-in tasks (one epoch).")
     test_size: int = opt(200, "Number of held-out prompts generated for built-in tasks.")
-    max_ops: int = opt(1, "Arithmetic task difficulty: at most this many operations per problem (1-3). The 135M demo "
-                          "model learns at 1 within minutes on a CPU; see docs/results.md.")
+    instruction: str = opt("", "Built-in tasks: the instruction after each question; empty = the task's own "
+                               "(largest: 'Answer with just the number.').")
+    list_size: int = opt(3, "Largest task difficulty: how many numbers each question lists (3-5 are its levels).")
+    max_value: int = opt(99, "Largest task: the numbers are drawn from 1 to this.")
+    max_ops: int = opt(1, "Arithmetic task difficulty: at most this many operations per problem (1-3).")
     max_operand: int = opt(20, "Arithmetic task difficulty: largest number in a problem.")
     system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
     on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
-    epoch_size: int = opt(0, "Prompts per epoch for the Epoch/* metrics; 0 = one pass over the training prompts.")
+    epoch_size: int = opt(80, "Prompts per epoch for the Epoch/* metrics (80: the demo's 100 steps of 4 prompts show "
+                              "5 epochs); 0 = one pass over the training prompts.")
 
 
 @dataclass
 class RolloutConfig:
-    batch_size: int = opt(1, "Prompts per step (B).")
+    batch_size: int = opt(4, "Prompts per step (B).")
     group_size: int = opt(8, "Completions per prompt (G); advantages are relative within a group.")
-    max_new_tokens: int = opt(64, "Maximum completion length in tokens.")
-    temperature: float = opt(0.8, "Sampling temperature.")
+    max_new_tokens: int = opt(8, "Maximum completion length in tokens (the demo's answers take 2 to 8; word "
+                                 "problems with reasoning need about 64, code 256).")
+    temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
     pipeline: bool = opt(False, "Generate the next batch while the teacher scores this one. That batch then trains one "
                                 "update late, with its importance ratio taken against the policy that sampled it. "
@@ -90,6 +96,8 @@ class GRPOConfig:
 class OptimConfig:
     learning_rate: float = opt(3e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
+    bias_correction: bool = opt(False, "AdamW bias correction, as in PyTorch and TRL. MLX's default is off, which makes "
+                                       "the first updates about 3x larger at the same learning rate (README: learning rates).")
     warmup_steps: int = opt(2, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Cosine decay floor, as a fraction of the peak learning rate.")
     max_grad_norm: float = opt(1.0, "Global gradient-norm clip (0 = off).")
@@ -102,7 +110,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(60, "Optimizer steps to run.")
+    steps: int = opt(100, "Optimizer steps to run.")
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
     save_every: int = opt(10, "Save a checkpoint (and the adapters) every N steps (0 = only at the end).")
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints in <run>/checkpoints (0 = keep all).")
@@ -124,7 +132,8 @@ class LoggingConfig:
                                      "(the running averages and percentiles are logged every step).")
     histogram_every: int = opt(10, "Log reward histograms every N steps (once at least 10 samples exist).")
     correct_criterion: str = opt("", "Criterion whose score decides 'correct' for pass_at_1 / pass_at_all "
-                                     "(batch_metrics.jsonl); empty = the total reward.")
+                                     "(batch_metrics.jsonl) and eval accuracy; empty = the rubric's `correct:` "
+                                     "criterion, or the total reward when it names none.")
     correct_threshold: float = opt(1.0, "A completion is correct when that score is >= this.")
     system_interval_s: float = opt(1.0, "Seconds between System/* samples (taken in a background thread).")
 
@@ -145,7 +154,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rubric: str = opt("rubrics/math.yaml", "Path to the rubric YAML that scores completions. Edits to it apply from the next step.")
+    rubric: str = opt("rubrics/largest.yaml", "Path to the rubric YAML that scores completions. Edits to it apply from the next step.")
     teacher_cache: str = opt("", "Teacher score cache (sqlite). Empty = teacher_cache.sqlite in the run directory; "
                                  "a shared path such as ~/.cache/mlx-grpo/teacher.sqlite reuses scores across runs.")
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -311,6 +320,8 @@ def validate(cfg: Config) -> None:
     require(cfg.data.train_size >= 1, "data.train_size", "must be at least 1")
     require(cfg.data.test_size >= 0, "data.test_size", "must be >= 0")
     require(cfg.data.max_ops >= 1, "data.max_ops", "must be at least 1")
+    require(cfg.data.list_size >= 2, "data.list_size", "must be at least 2")
+    require(cfg.data.max_value >= cfg.data.list_size, "data.max_value", "must be at least data.list_size (the numbers are distinct)")
     require(cfg.data.max_operand >= 2, "data.max_operand", "must be at least 2")
     require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
     require(cfg.logging.performance_every >= 1, "logging.performance_every", "must be at least 1")
