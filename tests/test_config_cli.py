@@ -37,7 +37,7 @@ def test_yaml_then_overrides(tmp_path):
     ("rollout:\n  group_size: 1\n", "rollout.group_size must be at least 2"),
     ("grpo:\n  loss_type: ppo\n", "grpo.loss_type must be one of grpo, bnpo, dapo, dr_grpo"),
     ("rollout:\n  top_p: 0\n", "rollout.top_p must be in (0, 1]"),
-    ("optim:\n  grad_accum_steps: 3\n", "must divide the batch_size * group_size = 8"),
+    ("optim:\n  grad_accum_steps: 3\n", "must divide the batch_size * group_size = 32"),
 ])
 def test_bad_config_is_one_line(tmp_path, text, fragment):
     path = tmp_path / "c.yaml"

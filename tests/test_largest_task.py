@@ -103,3 +103,32 @@ def test_instruction_replaces_each_tasks_own():
         assert all(a["prompt"] != b["prompt"] and b["prompt"].endswith(text) for a, b in zip(own, changed))
         question = "question" if task != "coding" else "task"
         assert all(b["prompt"].startswith(a[question]) for a, b in zip(own, changed))
+
+
+def test_rubric_correct_names_a_criterion(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ncorrect: Answr\ncriteria:\n  - {name: Answer, weight: 1, check: number_check}\n")
+    with pytest.raises(UserInputError, match=r"correct: 'Answr' is not a criterion \(did you mean 'Answer'\?\)"):
+        load_rubric(path)
+    path.write_text("name: r\ncriteria:\n  - {name: Answer, weight: 1, check: number_check}\n")
+    assert load_rubric(path).correct == ""
+
+
+def test_bias_correction_reaches_the_optimizer():
+    import math
+
+    import mlx.core as mx
+
+    from mlx_grpo.config import load_config
+    from mlx_grpo.trainer import build_optimizer
+
+    first_step = {}
+    for flag in (False, True):
+        cfg = load_config(None, {"optim.bias_correction": flag, "optim.warmup_steps": 0, "optim.learning_rate": 1e-3})
+        optimizer = build_optimizer(cfg)
+        params = optimizer.apply_gradients({"w": mx.array([0.5])}, {"w": mx.array([1.0])})
+        first_step[flag] = 1.0 - params["w"].item()
+    # Corrected, AdamW's first step is the learning rate (m/sqrt(v) = g/|g|). MLX's uncorrected one is
+    # (1 - 0.9) / sqrt(1 - 0.999) = 3.16 times larger: the gap the README warns about.
+    assert first_step[True] == pytest.approx(1e-3, rel=1e-3)
+    assert first_step[False] == pytest.approx(1e-3 * 0.1 / math.sqrt(0.001), rel=1e-3)
