@@ -88,7 +88,7 @@ def make_run_dirs(cfg: Config, check: bool = True) -> tuple[Path, Path]:
 
 def validate_inputs(cfg: Config):
     """Check everything the user supplied before the (slow) model load."""
-    from mlx_grpo.data import task_options, load_dataset
+    from mlx_grpo.data import load_dataset, task_options
     from mlx_grpo.models import validate_generation_length, validate_model_path
     from mlx_grpo.rewards import load_rubric
 

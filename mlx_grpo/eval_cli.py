@@ -65,6 +65,7 @@ def run_eval(args, console) -> int:
 
     from mlx_grpo.data import task_options
     from mlx_grpo.evaluate import evaluate_with_config, hack_baselines, held_out_items, load_run_adapters
+    from mlx_grpo.metrics.record import correctness_criterion
     from mlx_grpo.models import adapters_disabled, has_lora, load_model, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
@@ -95,7 +96,7 @@ def run_eval(args, console) -> int:
                     "dataset": e.dataset or cfg.data.dataset, "split": "test", "num_prompts": len(items),
                     "samples": e.samples, "temperature": e.temperature, "top_p": cfg.rollout.top_p,
                     "max_new_tokens": cfg.rollout.max_new_tokens, "seed": cfg.train.seed,
-                    "correct_criterion": cfg.logging.correct_criterion or rubric.correct or "reward",
+                    "correct_criterion": correctness_criterion(cfg.logging.correct_criterion, rubric) or "reward",
                     "correct_threshold": cfg.logging.correct_threshold,
                     "task_options": task_options(cfg.data)}
         console.print(f"Evaluating {len(items)} held-out prompts x {e.samples} samples at temperature "

@@ -18,7 +18,7 @@ import numpy as np
 
 from mlx_grpo.data import build_prompt_tokens
 from mlx_grpo.errors import UserInputError
-from mlx_grpo.metrics.record import correct_mask
+from mlx_grpo.metrics.record import correct_mask, correctness_criterion
 from mlx_grpo.rewards.checks import extract_answer, last_number, normalize, numbers_in
 from mlx_grpo.rewards import contiguous_groups
 from mlx_grpo.rollout import generate_rollout
@@ -192,7 +192,7 @@ def evaluate_with_config(model, tokenizer, items: list[dict], scorer, cfg, progr
     return evaluate(model, tokenizer, items, scorer, samples=cfg.eval.samples,
                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
                     top_p=cfg.rollout.top_p, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt or None,
-                    correct_criterion=cfg.logging.correct_criterion or scorer.rubric.correct,
+                    correct_criterion=correctness_criterion(cfg.logging.correct_criterion, scorer.rubric),
                     correct_threshold=cfg.logging.correct_threshold, chunk_rows=cfg.eval.chunk_rows,
                     progress=progress)
 

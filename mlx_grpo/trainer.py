@@ -30,8 +30,8 @@ from mlx_grpo.evaluate import evaluate_with_config
 from mlx_grpo.forward import checkpoint_blocks
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
-from mlx_grpo.metrics.record import (criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
-                                     timing_per_token)
+from mlx_grpo.metrics.record import (correctness_criterion, criterion_metrics, length_metrics, reward_metrics,
+                                     teacher_metrics, timing_per_token)
 from mlx_grpo.metrics.system import SystemSampler
 from mlx_grpo.metrics.tracker import MetricsTracker
 from mlx_grpo.models import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
@@ -358,7 +358,7 @@ def train(cfg: Config, run_dir: Path, items: list[dict], scorer: Scorer, model, 
 
     tracker = MetricsTracker(rubric_name=scorer.rubric.name, group_size=G, prompts_per_epoch=prompts_per_epoch,
                              histogram_every=cfg.logging.histogram_every,
-                             correct_criterion=cfg.logging.correct_criterion or scorer.rubric.correct,
+                             correct_criterion=correctness_criterion(cfg.logging.correct_criterion, scorer.rubric),
                              correct_threshold=cfg.logging.correct_threshold)
     # Judged over several steps: with one prompt per step a single step says little.
     health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10, warmup_steps=cfg.optim.warmup_steps))

@@ -87,7 +87,8 @@ def _parameters(function) -> list[str]:
     return [name for name in names if name not in ("self", "cls")]
 
 
-def docstring_args(completion: str, task: str = "") -> Score:
+def _documented_function(completion: str):
+    """(the first function, its docstring), or a zero Score saying which of them is missing."""
     tree, problem = _parse(completion)
     if tree is None:
         return Score(0, problem)
@@ -97,6 +98,14 @@ def docstring_args(completion: str, task: str = "") -> Score:
     doc = _docstring(function)
     if doc is None:
         return Score(0, f"{function.name} has no docstring")
+    return function, doc
+
+
+def docstring_args(completion: str, task: str = "") -> Score:
+    found = _documented_function(completion)
+    if isinstance(found, Score):
+        return found
+    function, doc = found
     params = _parameters(function)
     if not params:
         return Score(1, f"{function.name} takes no parameters and has a docstring")
@@ -108,15 +117,10 @@ def docstring_args(completion: str, task: str = "") -> Score:
 
 
 def has_docstring(completion: str, task: str = "") -> Score:
-    tree, problem = _parse(completion)
-    if tree is None:
-        return Score(0, problem)
-    function = _first_function(tree)
-    if function is None:
-        return Score(0, "no function defined")
-    if _docstring(function) is None:
-        return Score(0, f"{function.name} has no docstring")
-    return Score(1, f"{function.name} has a docstring")
+    found = _documented_function(completion)
+    if isinstance(found, Score):
+        return found
+    return Score(1, f"{found[0].name} has a docstring")
 
 
 def _is_print(node: ast.AST) -> bool:

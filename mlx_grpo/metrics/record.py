@@ -63,6 +63,11 @@ def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], fin
     }
 
 
+def correctness_criterion(configured: str, rubric) -> str:
+    """The criterion that decides "correct": the configured one, else the rubric's `correct:` ("" = the reward)."""
+    return configured or rubric.correct
+
+
 def correct_mask(scored, criterion: str, threshold: float) -> np.ndarray:
     """Which completions count as correct: `criterion`'s score (the total reward when criterion is
     empty, or no longer in the rubric after an edit) is at least `threshold`; unscored ones are not."""
