@@ -3,8 +3,9 @@
     logs/runs/<run>/checkpoints/step_000010/
         adapters.safetensors    trainable weights (LoRA adapters, or every weight for a full fine-tune)
         optimizer.safetensors   AdamW moments and step
-        state.pkl               step, data cursor, RNG states, metric accumulators, teacher usage,
-                                rubric version, and the size of every log file at this step
+        state.json              step, data cursor, RNG states, metric accumulators, teacher usage,
+                                rubric version, and the size of every log file at this step: plain
+                                JSON, which no renamed class can break
 
 A checkpoint is written into a hidden temp directory, each file fsynced, then renamed into place:
 a directory named step_* is always complete. Resuming truncates the logs back to the sizes saved
@@ -13,25 +14,23 @@ with it, so steps after the checkpoint that a crash left in the logs are redone,
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
+import random
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.fileio import fsync_path
 
 CHECKPOINTS = "checkpoints"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+STATE = "state.json"
+OLD_STATE = "state.pkl"  # written by earlier versions, which pickled whole objects
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
@@ -47,13 +46,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     mx.eval(weights, moments)
     mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), moments)
-    (tmp / "state.pkl").write_bytes(pickle.dumps({"step": step, **state}))
-    for name in ("adapters.safetensors", "optimizer.safetensors", "state.pkl"):
-        _fsync(tmp / name)
+    (tmp / STATE).write_text(json.dumps({"step": step, **state}))
+    for name in ("adapters.safetensors", "optimizer.safetensors", STATE):
+        fsync_path(tmp / name)
     if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     if keep > 0:
         for old in sorted(complete_checkpoints(run_dir))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -64,7 +63,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / "state.pkl").is_file())
+    return sorted(p for p in root.glob("step_*") if (p / STATE).is_file() or (p / OLD_STATE).is_file())
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -76,16 +75,21 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Put the checkpoint's weights into `model` and moments into `optimizer`; return its state."""
+    state = read_state(path)  # first: an unreadable checkpoint changes nothing
     weights = mx.load(str(path / "adapters.safetensors"))
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     mx.eval(model.parameters(), optimizer.state)
-    return read_state(path)
+    return state
 
 
 def read_state(path: Path) -> dict:
-    """A checkpoint's state.pkl: its step, log sizes, cursors and accumulators."""
-    return pickle.loads((Path(path) / "state.pkl").read_bytes())
+    """A checkpoint's state.json: its step, log sizes, cursors and accumulators."""
+    path = Path(path)
+    if not (path / STATE).is_file() and (path / OLD_STATE).is_file():
+        raise UserInputError(f"--resume: {path} was written by an earlier version of mlx-grpo (state.pkl) and "
+                             "cannot be resumed by this one; start a new run (its adapters.safetensors still load)")
+    return json.loads((path / STATE).read_text())
 
 
 def log_sizes(paths: list[Path]) -> dict[str, int]:
@@ -100,3 +104,53 @@ def truncate_logs(run_dir: Path, sizes: dict[str, int]) -> None:
         if path.exists() and path.stat().st_size > size:
             with open(path, "r+b") as f:
                 f.truncate(size)
+
+
+class GlobalRandom:
+    """Python's and NumPy's global random state, as plain lists. (MLX's is reseeded every step.)"""
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": [version, list(internal), gauss],
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class Checkpointer:
+    """Saves the policy's weights and moments with the state of every owner, and gives it back.
+
+    owners: name -> object with state_dict() / load_state_dict(state); each checkpoint holds
+    {name: owner.state_dict()} plus the sizes of the run's log files. Only rank 0 writes.
+    """
+
+    def __init__(self, run_dir: Path, policy, owners: dict, log_files: tuple[str, ...], keep: int,
+                 enabled: bool = True):
+        self.run_dir, self.policy, self.owners, self.log_files = Path(run_dir), policy, owners, log_files
+        self.keep, self.enabled = keep, enabled
+        self.saved_step = 0
+
+    def save(self, step: int) -> float:
+        """Checkpoint `step` (after its logs are written, so their sizes include it); returns seconds."""
+        self.saved_step = step
+        if not self.enabled:
+            return 0.0
+        begin = time.perf_counter()
+        self.policy.save_adapters(self.run_dir)
+        state = {name: owner.state_dict() for name, owner in self.owners.items()}
+        save_checkpoint(self.run_dir, step, self.policy.model, self.policy.optimizer, keep=self.keep, state={
+            **state, "log_sizes": log_sizes([self.run_dir / name for name in self.log_files])})
+        return time.perf_counter() - begin
+
+    def restore(self, path: Path) -> int:
+        """Load checkpoint `path` into the policy and every owner; returns its step."""
+        saved = load_checkpoint(path, self.policy.model, self.policy.optimizer)
+        for name, owner in self.owners.items():
+            owner.load_state_dict(saved[name])
+        self.saved_step = saved["step"]
+        return saved["step"]

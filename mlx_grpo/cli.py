@@ -143,10 +143,17 @@ class StopRequests:
         self.console.print("Stopping after this step (a checkpoint will be saved); press Ctrl-C again to quit now.",
                            markup=False)
 
-    def install(self):
+    def install(self) -> dict:
         import signal
 
         return {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def uninstall(previous: dict) -> None:
+        import signal
+
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def resume_target(spec: str, output_dir: str) -> Path:
@@ -191,16 +198,12 @@ def start_logging(cfg: Config, run_dir: Path, tb_dir: Path, resumed_at: int | No
 def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
     from rich.progress import Progress
 
-    from mlx_grpo.metrics import MetricsHub
-    from mlx_grpo.metrics.system import describe_backend
-    from mlx_grpo.models import load_model
-    from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable
-    from mlx_grpo.trainer import train
-
-    from mlx_grpo.checkpoint import latest_checkpoint, read_state, truncate_logs
     from mlx_grpo.distributed import init_world
     from mlx_grpo.evaluate import held_out_items
-    from mlx_grpo.trainer import TrainingDiverged
+    from mlx_grpo.metrics import MetricsHub
+    from mlx_grpo.models import load_model
+    from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable
+    from mlx_grpo.trainer import Prompts, RunIO, TrainingDiverged, train
 
     world = init_world()
     if world.size > 1:
@@ -210,12 +213,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
             console.quiet = True
     rubric, items = validate_inputs(cfg)
     eval_items = held_out_items(cfg)[:cfg.eval.num_prompts] if cfg.eval.every else None
-    checkpoint = None
-    if resume_dir is None:
-        run_dir, tb_dir = make_run_dirs(cfg, check=world.is_main)  # only rank 0 creates it
-    else:
-        run_dir, tb_dir = resume_dir, Path(cfg.train.output_dir) / "tensorboard" / resume_dir.name
-        checkpoint = latest_checkpoint(run_dir)
+    run_dir, tb_dir, checkpoint = locate_run(cfg, resume_dir, check=world.is_main)
     hub = None
 
     def notify(text: str) -> None:
@@ -228,49 +226,25 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
     try:
         console.print("[bold]Resolved config[/bold]")
         console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-
         with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
             model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
         console.print(f"Model: {model_dir}", soft_wrap=True)
-        resumed_at = None
-        if not world.is_main:
-            hub = MetricsHub([])  # the other ranks log nothing; rank 0 logs the gathered metrics
-        elif checkpoint is None:
-            run_dir.mkdir(parents=True)
-        else:
-            saved = read_state(checkpoint)
-            resumed_at = saved["step"]
-            # Lines a crash left after the checkpoint are cut, so the resumed steps are not duplicated.
-            truncate_logs(run_dir, saved["log_sizes"])
-            console.print(f"Resuming {run_dir} from step {resumed_at} ({checkpoint})", soft_wrap=True)
         if world.is_main:
+            resumed_at = prepare_run_dir(run_dir, checkpoint, console)
             hub = start_logging(cfg, run_dir, tb_dir, resumed_at, rubric, model_dir, console)
-        console.print(describe_backend(), soft_wrap=True)
-        if world.size > 1:
-            console.print(f"Data parallel over {world.size} processes: {cfg.rollout.batch_size} prompts per process, "
-                          f"{cfg.rollout.batch_size * world.size} per step", soft_wrap=True)
-        console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
+        else:
+            hub = MetricsHub([])  # the other ranks log nothing; rank 0 logs the gathered metrics
+        describe_run(cfg, world, run_dir, tb_dir, console)
 
         with Progress(*progress_columns(), console=console) as bar:
-            task = bar.add_task("train", total=cfg.train.steps, **progress_fields({}))
-
-            def on_step(step, record):
-                bar.update(task, completed=step, **progress_fields(record))
-                if not console.is_terminal:  # a log file or CI: one plain line per step instead
-                    fields = progress_fields(record)
-                    teacher = f" teacher {fields['teacher']} tok" if "Teacher/APITokensTotal" in record else ""
-                    console.print(f"step {step}/{cfg.train.steps} epoch {fields['epoch']} reward {fields['reward']} "
-                                  f"kl {fields['kl']} gen {fields['gen']} tok/s train {fields['train']} tok/s"
-                                  f"{teacher} {record['timing_s/step']:.1f}s", markup=False, soft_wrap=True)
-
             stop = StopRequests(console)
             previous = stop.install()
             try:
                 # The trainer writes its own notices (rubric reloads, health) to the logs: console only here.
-                state = train(cfg, run_dir, items, scorer, model, tokenizer, hub, progress=on_step,
-                              watcher=RubricWatcher(rubric), resume=checkpoint, should_stop=stop,
-                              notify=lambda text: console.print(text, soft_wrap=True, markup=False),
-                              world=world, eval_items=eval_items)
+                state = train(cfg, model, tokenizer, Prompts(items, eval_items), scorer, RunIO(
+                    run_dir, hub, progress=progress_display(bar, cfg, console), watcher=RubricWatcher(rubric),
+                    resume=checkpoint, should_stop=stop,
+                    notify=lambda text: console.print(text, soft_wrap=True, markup=False)), world)
             except (TeacherUnavailable, TrainingDiverged) as err:
                 # Adapters of the completed steps are saved by train(); say where and stop.
                 what = "teacher" if isinstance(err, TeacherUnavailable) else "training"
@@ -278,14 +252,69 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
                       f"uv run train --resume {run_dir}", file=sys.stderr)
                 return 1
             finally:
-                import signal
-
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                stop.uninstall(previous)
     finally:
         scorer.close()
         if hub is not None:
             hub.close()
+    final_report(state, scorer, run_dir, console)
+    return 0
+
+
+def locate_run(cfg: Config, resume_dir: Path | None, check: bool) -> tuple[Path, Path, Path | None]:
+    """(run directory, TensorBoard directory, checkpoint to resume from or None)."""
+    from mlx_grpo.checkpoint import latest_checkpoint, read_state
+
+    if resume_dir is None:
+        return (*make_run_dirs(cfg, check=check), None)  # only rank 0 checks (and later creates) it
+    checkpoint = latest_checkpoint(resume_dir)
+    read_state(checkpoint)  # one that cannot be resumed is refused now, not after the slow model load
+    return resume_dir, Path(cfg.train.output_dir) / "tensorboard" / resume_dir.name, checkpoint
+
+
+def prepare_run_dir(run_dir: Path, checkpoint: Path | None, console) -> int | None:
+    """Create a new run directory, or cut a resumed one's logs back to its checkpoint; returns the
+    step resumed from (None for a new run)."""
+    from mlx_grpo.checkpoint import read_state, truncate_logs
+
+    if checkpoint is None:
+        run_dir.mkdir(parents=True)
+        return None
+    saved = read_state(checkpoint)
+    # Lines a crash left after the checkpoint are cut, so the resumed steps are not duplicated.
+    truncate_logs(run_dir, saved["log_sizes"])
+    console.print(f"Resuming {run_dir} from step {saved['step']} ({checkpoint})", soft_wrap=True)
+    return saved["step"]
+
+
+def describe_run(cfg: Config, world, run_dir: Path, tb_dir: Path, console) -> None:
+    from mlx_grpo.metrics.system import describe_backend
+
+    console.print(describe_backend(), soft_wrap=True)
+    if world.size > 1:
+        console.print(f"Data parallel over {world.size} processes: {cfg.rollout.batch_size} prompts per process, "
+                      f"{cfg.rollout.batch_size * world.size} per step", soft_wrap=True)
+    console.print(f"Run directory: {run_dir}   TensorBoard: tensorboard --logdir {tb_dir.parent}", soft_wrap=True)
+
+
+def progress_display(bar, cfg: Config, console):
+    """progress(step, record): the live bar on a terminal; one plain line per step in a log file or CI."""
+    task = bar.add_task("train", total=cfg.train.steps, **progress_fields({}))
+
+    def on_step(step: int, record: dict) -> None:
+        bar.update(task, completed=step, **progress_fields(record))
+        if not console.is_terminal:
+            fields = progress_fields(record)
+            teacher = f" teacher {fields['teacher']} tok" if "Teacher/APITokensTotal" in record else ""
+            console.print(f"step {step}/{cfg.train.steps} epoch {fields['epoch']} reward {fields['reward']} "
+                          f"kl {fields['kl']} gen {fields['gen']} tok/s train {fields['train']} tok/s"
+                          f"{teacher} {record['timing_s/step']:.1f}s", markup=False, soft_wrap=True)
+
+    return on_step
+
+
+def final_report(state, scorer, run_dir: Path, console) -> None:
+    """Why the run stopped, what the teacher cost, the criteria table, and where the adapters are."""
     rewards = state.rewards
     k = min(5, len(rewards))
     if state.stop_reason:
@@ -301,7 +330,6 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
     console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
                   f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}",
                   soft_wrap=True)
-    return 0
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,8 @@ def run_eval(args, console) -> int:
     from mlx_grpo.data import task_options
     from mlx_grpo.evaluate import evaluate_with_config, hack_baselines, held_out_items, load_run_adapters
     from mlx_grpo.metrics.record import correctness_criterion
-    from mlx_grpo.models import adapters_disabled, has_lora, load_model, validate_model_path
+    from mlx_grpo.adapters import adapters_disabled, has_lora
+    from mlx_grpo.models import load_model, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
     run_dir = None

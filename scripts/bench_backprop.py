@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_grpo.config import load_config
 from mlx_grpo.forward import checkpoint_blocks
 from mlx_grpo.rollout import Rollout, to_train_batch
-from mlx_grpo.trainer import COMPILE_BUCKET, batch_logprobs, build_optimizer, make_grad_fn, prepare_trainable, update_policy
+from mlx_grpo.policy import COMPILE_BUCKET, batch_logprobs, build_optimizer, make_grad_fn, prepare_trainable, update_policy
 
 
 def gradient_path_params(model, num_layers: int) -> int:

@@ -78,7 +78,8 @@ def load_bench_model(path: str = DEFAULT_MODEL, dtype: str = "float32"):
 
 def bench_prompts(tokenizer, count: int, seed: int = 0) -> tuple[list[list[int]], list[dict]]:
     """`count` arithmetic prompts (token ids through the chat template) and their samples."""
-    from mlx_grpo.data import arithmetic_dataset, build_prompt_tokens
+    from mlx_grpo.data import build_prompt_tokens
+    from mlx_grpo.tasks.arithmetic import arithmetic_dataset
 
     samples = arithmetic_dataset("train", count, seed)
     return [build_prompt_tokens(tokenizer, s, None) for s in samples], samples

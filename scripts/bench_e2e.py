@@ -181,6 +181,7 @@ def worker_result(steps: list[dict], warmup: int, **info) -> dict:
 
 
 def run_ours(s: dict, out: Path) -> None:
+    import mlx_grpo.rollout_source as rollout_source
     import mlx_grpo.trainer as trainer
     from mlx_grpo.metrics import MetricsHub
     from mlx_grpo.metrics.files import JsonlSink
@@ -193,7 +194,7 @@ def run_ours(s: dict, out: Path) -> None:
     clock = StepClock()
 
     # Count what each rollout produced (and how long it took) without changing it.
-    generate = trainer.generate_rollout
+    generate = rollout_source.generate_rollout
 
     def counted_rollout(*args, **kwargs):
         start = time.perf_counter()
@@ -202,15 +203,14 @@ def run_ours(s: dict, out: Path) -> None:
                       [len(c) for c in rollout.completion_tokens])
         return rollout
 
-    trainer.generate_rollout = counted_rollout
+    rollout_source.generate_rollout = counted_rollout
     scorer = Scorer(load_rubric(cfg.rubric), cache_path=None)
     hub = MetricsHub([JsonlSink(run_dir / "metrics.jsonl")])
     try:
         clock.last = time.perf_counter()
-        trainer.train(cfg, run_dir, items, scorer, model, tokenizer, hub, notify=lambda text: None,
-                      progress=lambda step, record: clock.step_done(
-                          updated=not record.get("actor/update_skipped", 0.0),
-                          reward=record.get("Train/AvgReward")))
+        trainer.train(cfg, model, tokenizer, trainer.Prompts(items), scorer, trainer.RunIO(
+            run_dir, hub, notify=lambda text: None, progress=lambda step, record: clock.step_done(
+                updated=not record.get("actor/update_skipped", 0.0), reward=record.get("Train/AvgReward"))))
     finally:
         scorer.close()
         hub.close()

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlx_grpo.data import PromptSampler, build_prompt_tokens
     from mlx_grpo.rewards import load_rubric, score_completions
-    from mlx_grpo.trainer import build_optimizer
+    from mlx_grpo.policy import build_optimizer
 
     cfg = bench_config(s)
     model, tokenizer, _ = from_pretrained(

@@ -23,7 +23,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
-from mlx_grpo import trainer  # noqa: E402
+from mlx_grpo import rollout_source, trainer  # noqa: E402
 from mlx_grpo.checkpoint import latest_checkpoint  # noqa: E402
 from mlx_grpo.config import load_config  # noqa: E402
 from mlx_grpo.distributed import init_world  # noqa: E402
@@ -65,7 +65,7 @@ def per_prompt_rollout(model, prompts, *, group_size, **kwargs) -> Rollout:
                    logprobs=sum((p.logprobs for p in parts), []))
 
 
-GENERATE = trainer.generate_rollout
+GENERATE = rollout_source.generate_rollout
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     CHECKS["byte_score"] = byte_score
-    trainer.generate_rollout = per_prompt_rollout
+    rollout_source.generate_rollout = per_prompt_rollout
     world = init_world()
     args.out.mkdir(parents=True, exist_ok=True)
     rubric_path = args.out / f"rubric{world.rank}.yaml"
@@ -103,8 +103,8 @@ def main() -> None:
         return world.is_main and len(steps_done) == args.stop_after
 
     try:
-        trainer.train(cfg, run_dir, items, scorer, model, ByteTokenizer(), hub, should_stop=should_stop,
-                      world=world, resume=latest_checkpoint(run_dir) if args.resume else None)
+        trainer.train(cfg, model, ByteTokenizer(), trainer.Prompts(items), scorer, trainer.RunIO(
+            run_dir, hub, should_stop=should_stop, resume=latest_checkpoint(run_dir) if args.resume else None), world)
     finally:
         scorer.close()
         hub.close()

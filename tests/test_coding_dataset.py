@@ -6,7 +6,8 @@ from importlib import resources
 
 import pytest
 
-from mlx_grpo.data import CODE_INSTRUCTION, coding_dataset, load_dataset
+from mlx_grpo.data import load_dataset
+from mlx_grpo.tasks.coding import CODE_INSTRUCTION, coding_dataset
 from mlx_grpo.errors import UserInputError
 
 

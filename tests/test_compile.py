@@ -8,9 +8,9 @@ from mlx.utils import tree_flatten
 
 from conftest import TINY_VOCAB, make_tiny_model
 from mlx_grpo.config import load_config
-from mlx_grpo.models import apply_lora
+from mlx_grpo.adapters import apply_lora
 from mlx_grpo.rollout import Rollout, TrainBatch, to_train_batch
-from mlx_grpo.trainer import make_grad_fn
+from mlx_grpo.policy import make_grad_fn
 
 
 def lora_model(seed: int = 0):
@@ -104,7 +104,7 @@ def test_bucketed_batch_gives_the_same_gradients():
 
 def test_compiled_update_moves_the_weights_like_eager():
     """Two optimizer steps with gradient accumulation: the same weights either way."""
-    from mlx_grpo.trainer import build_optimizer, update_policy
+    from mlx_grpo.policy import build_optimizer, update_policy
 
     results = []
     for compile_step in (False, True):

@@ -5,15 +5,9 @@ import re
 
 import pytest
 
-from mlx_grpo.data import (
-    FORMAT_INSTRUCTION,
-    PromptSampler,
-    arithmetic_dataset,
-    build_prompt_tokens,
-    load_dataset,
-    load_jsonl,
-)
+from mlx_grpo.data import PromptSampler, build_prompt_tokens, load_dataset, load_jsonl
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.tasks.arithmetic import FORMAT_INSTRUCTION, arithmetic_dataset
 
 # ---------------------------------------------------------------------------------------------
 # Built-in arithmetic task

@@ -22,7 +22,8 @@ from mlx_grpo.eval_cli import main as eval_main
 from mlx_grpo.eval_cli import verdict_lines
 from mlx_grpo.evaluate import (EvalResult, answer_spread, best_hack_acc, eval_metrics, final_answer, hack_baselines,
                                pass_at_k, report_ks)
-from mlx_grpo.models import apply_lora, resolve_model_path, save_adapters
+from mlx_grpo.adapters import apply_lora, save_adapters
+from mlx_grpo.models import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 

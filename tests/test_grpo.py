@@ -410,7 +410,7 @@ def test_shared_prompt_pass_matches_per_row_values_and_gradients(tie):
 def test_trainer_uses_the_shared_prompt_pass_only_on_whole_groups(tiny_model):
     from mlx_grpo.config import load_config
     from mlx_grpo.rollout import TrainBatch
-    from mlx_grpo.trainer import batch_logprobs
+    from mlx_grpo.policy import batch_logprobs
 
     tokens, plens, c, mask = _grouped_batch([5, 2], [3, 1, 2, 4], 2)
     batch = TrainBatch(tokens, plens, mask, 0)

@@ -120,7 +120,7 @@ def test_bias_correction_reaches_the_optimizer():
     import mlx.core as mx
 
     from mlx_grpo.config import load_config
-    from mlx_grpo.trainer import build_optimizer
+    from mlx_grpo.policy import build_optimizer
 
     first_step = {}
     for flag in (False, True):

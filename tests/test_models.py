@@ -11,20 +11,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_grpo.errors import UserInputError
-from mlx_grpo.models import (
-    adapters_disabled,
-    apply_lora,
-    builtin_gguf_path,
-    has_lora,
-    is_hf_id,
-    load_model,
-    materialize_gguf,
-    prepare_full_finetune,
-    resolve_model_path,
-    save_adapters,
-    unpermute_rope_rows,
-    validate_model_path,
-)
+from mlx_grpo.adapters import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
+from mlx_grpo.gguf import materialize_gguf
+from mlx_grpo.gguf.convert import unpermute_rope_rows
+from mlx_grpo.models import builtin_gguf_path, is_hf_id, load_model, resolve_model_path, validate_model_path
 
 SMOLLM = "smollm2-135m-instruct"
 

@@ -180,7 +180,7 @@ def test_checkpoint_write_is_atomic_and_pruned(tmp_path, tiny_model):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
     # A half-written checkpoint (a crash mid-save) is a hidden temp dir, never taken for a checkpoint.
     (tmp_path / "checkpoints" / ".step_000004.tmp").mkdir()
-    (tmp_path / "checkpoints" / "step_000005").mkdir()  # no state.pkl: incomplete
+    (tmp_path / "checkpoints" / "step_000005").mkdir()  # no state.json: incomplete
     assert latest_checkpoint(tmp_path).name == "step_000003"
 
 
@@ -191,7 +191,7 @@ def test_nonfinite_update_is_skipped(tiny_model):
 
     from mlx_grpo.config import load_config
     from mlx_grpo.rollout import TrainBatch
-    from mlx_grpo.trainer import build_optimizer, make_loss_fn, prepare_trainable, update_policy
+    from mlx_grpo.policy import build_optimizer, make_loss_fn, prepare_trainable, update_policy
 
     cfg = load_config(None, {"train.steps": 3})
     prepare_trainable(tiny_model, cfg)
@@ -208,3 +208,56 @@ def test_nonfinite_update_is_skipped(tiny_model):
     assert not optimizer.state or int(optimizer.state.get("step", 0)) == 0
     stats = update_policy(tiny_model, optimizer, loss_and_grad, cfg, batch, mx.array([-1.0, 1.0]), [None], [None])
     assert "nonfinite" not in stats and int(optimizer.state["step"]) == 1
+
+
+def plain_data(value) -> bool:
+    """True for JSON's own types all the way down: what no renamed class can break."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain_data(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(plain_data(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def test_checkpoint_state_is_plain_json_from_every_owner(tmp_path):
+    from dp_worker import ByteTokenizer
+    from conftest import make_tiny_model
+
+    from mlx_grpo import trainer
+    from mlx_grpo.config import load_config
+    from mlx_grpo.metrics import MetricsHub
+    from mlx_grpo.rewards import Scorer, load_rubric
+
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(RUBRIC)
+    cfg = load_config(None, {"train.steps": 2, "rollout.batch_size": 1, "rollout.group_size": 3,
+                             "rollout.max_new_tokens": 6, "train.save_every": 1, "lora.rank": 4})
+    items = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+    scorer = Scorer(load_rubric(rubric))
+    try:
+        trainer.train(cfg, make_tiny_model(), ByteTokenizer(), trainer.Prompts(items), scorer,
+                      trainer.RunIO(tmp_path, MetricsHub([]), notify=lambda text: None))
+    finally:
+        scorer.close()
+    saved = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
+    assert set(saved) == {"step", "loop", "rollouts", "logger", "scorer", "random", "log_sizes"}
+    assert saved["step"] == 2 and saved["loop"]["step"] == 2
+    assert plain_data(saved)
+    assert not any(p.suffix == ".pkl" for p in (tmp_path / "checkpoints").rglob("*"))
+
+
+def test_a_checkpoint_of_an_earlier_version_is_refused_in_one_line(tmp_path, capsys):
+    import pickle
+
+    import yaml
+
+    from mlx_grpo.cli import train_main
+    from mlx_grpo.config import Config, to_dict
+
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoints" / "step_000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_000003" / "state.pkl").write_bytes(pickle.dumps({"step": 3}))
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config())))
+    assert train_main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "earlier version" in err and "step_000003" in err

@@ -17,7 +17,7 @@ from mlx_grpo.metrics.files import LearningLogSink
 from mlx_grpo.metrics.tensorboard import TensorBoardSink
 from mlx_grpo.models import load_model
 from mlx_grpo.rewards import RubricWatcher, Scorer, load_rubric
-from mlx_grpo.trainer import train
+from mlx_grpo.trainer import Prompts, RunIO, train
 
 from teacher_server import ScriptedTeacher
 
@@ -178,8 +178,8 @@ def test_rubric_edits_apply_at_the_next_step_and_typos_are_ignored(tmp_path):
 
     scorer = Scorer(rubric)
     try:
-        train(cfg, run_dir, [{"prompt": "Say hi.", "answer": "hi"}] * 4, scorer, model, tokenizer, hub,
-              progress=edit, watcher=RubricWatcher(rubric), notify=notices.append)
+        train(cfg, model, tokenizer, Prompts([{"prompt": "Say hi.", "answer": "hi"}] * 4), scorer,
+              RunIO(run_dir, hub, progress=edit, watcher=RubricWatcher(rubric), notify=notices.append))
     finally:
         scorer.close()
         hub.close()

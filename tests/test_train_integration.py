@@ -15,7 +15,7 @@ from mlx_grpo.config import load_config
 from mlx_grpo.data import build_prompt_tokens, load_dataset
 from mlx_grpo.models import load_model
 from mlx_grpo.rollout import generate_rollout, to_train_batch
-from mlx_grpo.trainer import make_loss_fn, prepare_trainable
+from mlx_grpo.policy import make_loss_fn, prepare_trainable
 
 # A rubric whose score varies with completion length, so every group has reward spread and the
 # policy gradient cannot be zero by chance.

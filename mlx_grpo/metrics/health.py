@@ -151,6 +151,21 @@ class HealthMonitor:
         scalars["health/warnings_total"] = float(sum(self._episodes.values()))
         return scalars, warnings
 
+    def state_dict(self) -> dict:
+        """The recent history the checks judge by, as plain lists (for a checkpoint)."""
+        return {"grad_norms": list(self._grad_norms), "rewards": list(self._rewards),
+                "zero_std": list(self._zero_std), "active": dict(self._active), "episodes": dict(self._episodes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._grad_norms.clear()
+        self._grad_norms.extend(state["grad_norms"])
+        self._rewards.clear()
+        self._rewards.extend(state["rewards"])
+        self._zero_std.clear()
+        self._zero_std.extend(state["zero_std"])
+        self._active.update(state["active"])
+        self._episodes.update(state["episodes"])
+
     def summary(self) -> dict[str, int]:
         """check -> number of warning episodes so far."""
         return dict(self._episodes)

@@ -13,7 +13,7 @@ percentile of the per-step speeds). A mean hides stalls; this is the number that
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -161,6 +161,21 @@ class MetricsTracker:
         # As in the W&B guide: the sum of the reward functions' (criteria's) means.
         tags["rewards/total_mean"] = float(sum(means))
         return tags
+
+    def state_dict(self) -> dict:
+        """What the tracker has accumulated, as plain lists and numbers (for a checkpoint)."""
+        return {"epochs": asdict(self.epochs), "speeds": self.speeds,
+                "recent": {name: list(values) for name, values in self.recent.items()},
+                "hist_buffer": self.hist_buffer, "all_scores": self.all_scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        epochs = dict(state["epochs"])
+        previous = epochs.pop("previous")
+        self.epochs = EpochStats(**epochs, previous=tuple(previous) if previous is not None else None)
+        self.speeds = {name: list(values) for name, values in state["speeds"].items()}
+        self.recent = {name: deque(values, maxlen=RECENT) for name, values in state["recent"].items()}
+        self.hist_buffer = {name: list(values) for name, values in state["hist_buffer"].items()}
+        self.all_scores = {name: list(values) for name, values in state["all_scores"].items()}
 
     def close_epoch(self) -> dict[str, float]:
         """Epoch/* of the epoch in progress (at the end of a run), or {} if it just closed."""

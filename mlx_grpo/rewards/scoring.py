@@ -15,7 +15,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -189,6 +189,15 @@ class Scorer:
         """Continue a resumed run's accounting (budget, totals, latency percentiles); what this
         process already spent (the preflight) is added on top."""
         self._usage_before, self._latencies_before = usage, list(latencies)
+
+    def state_dict(self) -> dict:
+        """The run's teacher accounting, as plain numbers (for a checkpoint), and for whoever reads
+        the checkpoint, the rubric version and score cache it was scored with."""
+        return {"usage": asdict(self.usage), "latencies": self.latencies, "rubric_version": self.rubric.version,
+                "cache": str(self.cache.path) if self.cache is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restore_usage(TeacherUsage(**state["usage"]), state["latencies"])
 
     @property
     def latencies(self) -> list[float]:

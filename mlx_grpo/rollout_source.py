@@ -1,0 +1,104 @@
+"""Where each step's completions come from: the prompt sampler, this rank's share of the global
+batch, generation, scoring in the background, and (rollout.pipeline) the next batch sampled early.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+
+from mlx_grpo.config import Config
+from mlx_grpo.data import PromptSampler, build_prompt_tokens
+from mlx_grpo.distributed import World
+from mlx_grpo.rewards import Scorer, contiguous_groups
+from mlx_grpo.rollout import Rollout, generate_rollout
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout whose scoring runs in the background."""
+    samples: list[dict]
+    prompts: list[list[int]]
+    rollout: Rollout
+    texts: list[str]
+    group_samples: list[dict]
+    scoring: Future
+    score_start: float
+    scored_at: list[float]  # filled in when scoring finishes
+    late: bool = False  # sampled before the previous update (rollout.pipeline): train it off-policy
+
+    @property
+    def scoring_time(self) -> float:
+        """Seconds from submission until the scores were ready (call after the result)."""
+        return (self.scored_at[0] if self.scored_at else time.perf_counter()) - self.score_start
+
+    def sampled_logprobs(self, width: int) -> mx.array:
+        """(N, width) log-probs recorded while sampling, right-padded with 0 like the train batch's mask."""
+        return mx.array([lp + [0.0] * (width - len(lp)) for lp in self.rollout.logprobs], dtype=mx.float32)
+
+
+class RolloutSource:
+    """Generates each step's B x G completions and submits them for scoring.
+
+    Every rank's sampler draws the same global batch of B * world.size prompts; each rank takes its
+    own B. With rollout.pipeline, `prefetch` samples the next step's batch before this step's
+    update, so that the teacher scores it while the update runs.
+    """
+
+    def __init__(self, cfg: Config, items: list[dict], model, tokenizer, scorer: Scorer, world: World = World()):
+        self.cfg, self.model, self.tokenizer, self.scorer, self.world = cfg, model, tokenizer, scorer, world
+        self.sampler = PromptSampler(items, seed=cfg.train.seed)
+        self.upcoming: ScoredRollout | None = None
+
+    def take(self, step: int) -> ScoredRollout:
+        """This step's batch: sampled now, or the one prefetched during the previous step."""
+        if self.upcoming is None:
+            return self._sample(step, late=False)
+        current, self.upcoming = self.upcoming, None
+        return current
+
+    def prefetch(self, step: int) -> float:
+        """rollout.pipeline: sample step + 1's batch now; returns its generation seconds."""
+        if not self.cfg.rollout.pipeline or step >= self.cfg.train.steps:
+            return 0.0
+        self.upcoming = self._sample(step + 1, late=True)
+        return self.upcoming.rollout.generation_time_s
+
+    def _sample(self, step: int, late: bool) -> ScoredRollout:
+        """Generate G completions per prompt and submit them for scoring (checks in threads, teacher
+        requests concurrently). Text is decoded for the rubric only; training uses the sampled ids."""
+        samples = self.world.shard(self.sampler.next_batch(self.cfg.rollout.batch_size * self.world.size))
+        # Each step's sampling randomness depends only on (seed, step, rank), so a resumed run draws
+        # exactly what the uninterrupted run drew.
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + step + self.world.rank * 1_000_000_007)
+        r = self.cfg.rollout
+        prompts = [build_prompt_tokens(self.tokenizer, s, self.cfg.data.system_prompt or None) for s in samples]
+        rollout = generate_rollout(self.model, prompts, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                   eos_token_ids=set(self.tokenizer.eos_token_ids), temperature=r.temperature,
+                                   top_p=r.top_p)
+        return self._submit(samples, prompts, rollout, late)
+
+    def _submit(self, samples: list[dict], prompts: list[list[int]], rollout: Rollout, late: bool) -> ScoredRollout:
+        G, eos_ids = self.cfg.rollout.group_size, set(self.tokenizer.eos_token_ids)
+        texts = [self.tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
+        group_samples = [s for s in samples for _ in range(G)]
+        score_start = time.perf_counter()
+        scoring = self.scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
+        scored_at: list[float] = []
+        scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
+        return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, score_start, scored_at, late)
+
+    def state_dict(self) -> dict:
+        """The sampler's cursor, and a prefetched batch's tokens (its scores are not kept)."""
+        up = self.upcoming
+        return {"sampler": self.sampler.state_dict(), "upcoming": None if up is None else {
+            "samples": up.samples, "prompts": up.prompts, "rollout": asdict(up.rollout)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        if state.get("upcoming"):  # sampled before the checkpoint; its scoring is redone
+            up = state["upcoming"]
+            self.upcoming = self._submit(up["samples"], up["prompts"], Rollout(**up["rollout"]), late=True)
