@@ -37,7 +37,8 @@ criteria:
 COMMON = {"train.steps": 4, "rollout.batch_size": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 8,
           "rollout.temperature": 1.0, "optim.learning_rate": 1e-2, "optim.warmup_steps": 1, "lora.rank": 4,
           "train.save_every": 2, "logging.sample_every": 1, "logging.performance_every": 1,
-          "logging.histogram_every": 2, "data.epoch_size": 6}
+          "logging.histogram_every": 2, "data.epoch_size": 6,
+          "optim.bias_correction": False}  # pinned: the record predates the default's change
 VARIANTS = {
     # A KL penalty (reference pass), two passes per batch and held-out evaluation.
     "kl_mu2_eval": {"grpo.beta": 0.05, "grpo.num_iterations": 2, "eval.every": 2, "eval.samples": 2,
@@ -61,7 +62,8 @@ def main() -> None:
     hub = MetricsHub([JsonlSink(run_dir / "metrics.jsonl")])
     scorer = Scorer(load_rubric(rubric_path))
     try:
-        trainer.train(cfg, run_dir, items, scorer, make_tiny_model(seed=0), ByteTokenizer(), hub, eval_items=held_out)
+        trainer.train(cfg, make_tiny_model(seed=0), ByteTokenizer(), trainer.Prompts(items, held_out), scorer,
+                      trainer.RunIO(run_dir, hub))
     finally:
         scorer.close()
         hub.close()
