@@ -37,9 +37,18 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
 
 
+def batch_scalar(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, values) of `key` in a batch_metrics.jsonl, or None without the file or the key."""
+    if not path.is_file():
+        return None
+    rows = [row for row in map(json.loads, path.read_text().splitlines()) if key in row]
+    return (np.array([r["step"] for r in rows]), np.array([r[key] for r in rows])) if rows else None
+
+
 def plot_run(logdir: Path, out: Path, window: int = 10, title: str | None = None, eval_json: Path | None = None) -> Path:
     """The figure; eval_json (written by `uv run eval --compare base`) adds the base model's
-    held-out reward and pass@1 as dashed lines."""
+    held-out reward and pass@1 as dashed lines, the trained model's as stars at the last step,
+    and the training pass@1 from the batch_metrics.jsonl beside it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -60,20 +69,28 @@ def plot_run(logdir: Path, out: Path, window: int = 10, title: str | None = None
         ax.plot(s, moving_average(v, window), lw=1, alpha=0.8, label=tag[len("Scoring/"):-len("_score")])
     if "eval/mean_reward" in scalars:
         ax.plot(*scalars["eval/mean_reward"], "o-", color="black", label="held-out reward")
-    base = json.loads(eval_json.read_text()).get("base") if eval_json else None
+    evaluated = json.loads(eval_json.read_text()) if eval_json else {}
+    base, trained = evaluated.get("base"), evaluated.get("trained")
     if base:
         ax.axhline(base["mean_reward"], ls="--", color="gray", label="held-out reward, base model")
+    if trained:
+        ax.plot([steps[-1]], [trained["mean_reward"]], "*", color="black", ms=12, label="held-out reward, trained")
     ax.set(title="Training reward (rubric)", xlabel="step", ylabel="score in [0, 1]", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="upper left")
 
     ax = axes[1]
-    if "pass_at_1" in scalars:
-        s, v = scalars["pass_at_1"]
+    # pass_at_1 has no "/" in its name, so it is in the run's batch_metrics.jsonl, not TensorBoard.
+    batch_log = eval_json.parent / "batch_metrics.jsonl" if eval_json else None
+    train_pass = scalars.get("pass_at_1") or (batch_scalar(batch_log, "pass_at_1") if batch_log else None)
+    if train_pass is not None:
+        s, v = train_pass
         ax.plot(s, moving_average(v, window), color="tab:green", lw=2, label=f"train pass@1, {window}-step mean")
     if "eval/pass_at_1" in scalars:
         ax.plot(*scalars["eval/pass_at_1"], "o-", color="black", label="held-out pass@1")
     if base:
         ax.axhline(base["pass_at_1"], ls="--", color="gray", label="held-out pass@1, base model")
+    if trained:
+        ax.plot([steps[-1]], [trained["pass_at_1"]], "*", color="black", ms=12, label="held-out pass@1, trained")
     ax.set(title="Correct answers (held out)", xlabel="step", ylabel="fraction", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="upper left")
 

@@ -34,12 +34,23 @@ def test_plot_from_tensorboard_events(tmp_path):
     steps, values = scalars["eval/pass_at_1"]
     assert steps.tolist() == [4, 8, 12] and values == pytest.approx([4 / 30, 8 / 30, 12 / 30])
     eval_json = tmp_path / "eval.json"
-    eval_json.write_text(json.dumps({"base": {"mean_reward": 0.03, "pass_at_1": 0.0}}))
+    eval_json.write_text(json.dumps({"base": {"mean_reward": 0.03, "pass_at_1": 0.0},
+                                     "trained": {"mean_reward": 0.5, "pass_at_1": 0.4}}))
+    (tmp_path / "batch_metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "time": 0.0, "pass_at_1": step / 12}) + "\n" for step in range(1, 13)))
 
     out = tmp_path / "img" / "run.png"
     assert plot_run.main([str(tmp_path / "tb"), "--out", str(out), "--eval-json", str(eval_json)]) == 0
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_batch_scalar_reads_the_run_directory_log(tmp_path):
+    log = tmp_path / "batch_metrics.jsonl"
+    log.write_text('{"step": 1, "pass_at_1": 0.25}\n{"step": 2, "pass_at_all": 1.0}\n{"step": 3, "pass_at_1": 0.5}\n')
+    steps, values = plot_run.batch_scalar(log, "pass_at_1")
+    assert steps.tolist() == [1, 3] and values.tolist() == [0.25, 0.5]
+    assert plot_run.batch_scalar(log, "missing") is None and plot_run.batch_scalar(tmp_path / "none", "x") is None
 
 
 def test_plot_errors(tmp_path, capsys):
