@@ -6,6 +6,7 @@ it beats the hacks (the best constant answer, and always copying one position of
 
     uv run python scripts/task_baselines.py                         # every task and level, 200 prompts
     uv run python scripts/task_baselines.py --tasks largest --num-prompts 50
+    uv run python scripts/task_baselines.py --tasks largest --levels "3 numbers"
 
 Prints a markdown table (the one in docs/results.md) and writes logs/baselines/<time>.json.
 "Correct" is the rubric's `correct:` criterion at full score.
@@ -103,7 +104,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--num-prompts", type=int, default=200, help="Held-out prompts per level.")
     parser.add_argument("--samples", type=int, default=8, help="Samples per prompt for sampled accuracy and pass@k.")
-    parser.add_argument("--temperature", type=float, default=0.8, help="The training temperature.")
+    parser.add_argument("--levels", nargs="+", help="Only these levels, by label (e.g. '3 numbers').")
+    parser.add_argument("--temperature", type=float, default=1.0, help="The training temperature (the demo's: 1.0).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-rows", type=int, default=64, help="Completions generated together.")
     parser.add_argument("--out", type=Path, help="JSON output (default logs/baselines/<time>.json).")
@@ -111,6 +113,9 @@ def main() -> int:
     unknown = set(args.tasks) - {t for t, *_ in LEVELS}
     if unknown:
         parser.error(f"unknown task {sorted(unknown)[0]!r}; choose from {', '.join(sorted({t for t, *_ in LEVELS}))}")
+    labels = {label for _, label, *_ in LEVELS}
+    if args.levels and not set(args.levels) <= labels:
+        parser.error(f"unknown level {sorted(set(args.levels) - labels)[0]!r}; choose from {', '.join(sorted(labels))}")
     if args.num_prompts < 1 or args.samples < 1:
         parser.error("--num-prompts and --samples must be at least 1")
 
@@ -119,7 +124,7 @@ def main() -> int:
     model, tokenizer, _ = load_model(args.model, "float32")
     rows = []
     for task, label, options, rubric_path, max_new_tokens in LEVELS:
-        if task in args.tasks:
+        if task in args.tasks and (not args.levels or label in args.levels):
             rows.append(measure(model, tokenizer, task, label, options, rubric_path, max_new_tokens, args))
             print(markdown(rows[-1:], args.samples, args.temperature).splitlines()[-1], flush=True)
     table = markdown(rows, args.samples, args.temperature)

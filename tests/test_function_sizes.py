@@ -17,7 +17,7 @@ def test_long_functions_and_methods_are_measured(tmp_path):
     (package / "a.py").write_text(f"def long():\n{body}\n\n\ndef short():\n    return 1\n")
     (package / "sub" / "b.py").write_text("class C:\n    async def method(self):\n        pass\n")
     sizes = dict((where, lines) for lines, where in function_sizes.function_sizes(package))
-    assert sizes == {"pkg/a.py:1 long": 71, "pkg/a.py:5 short": 2, "pkg/sub/b.py:2 method": 2}
+    assert sizes == {"pkg/a.py:1 long": 71, "pkg/a.py:74 short": 2, "pkg/sub/b.py:2 method": 2}
 
 
 def test_the_limit_sets_the_exit_status(tmp_path, monkeypatch, capsys):
