@@ -83,13 +83,18 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return state
 
 
-def read_state(path: Path) -> dict:
-    """A checkpoint's state.json: its step, log sizes, cursors and accumulators."""
+def check_resumable(path: Path) -> None:
+    """Refuse a checkpoint written by an earlier version (state.pkl), without reading it."""
     path = Path(path)
     if not (path / STATE).is_file() and (path / OLD_STATE).is_file():
         raise UserInputError(f"--resume: {path} was written by an earlier version of mlx-grpo (state.pkl) and "
                              "cannot be resumed by this one; start a new run (its adapters.safetensors still load)")
-    return json.loads((path / STATE).read_text())
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json: its step, log sizes, cursors and accumulators."""
+    check_resumable(path)
+    return json.loads((Path(path) / STATE).read_text())
 
 
 def log_sizes(paths: list[Path]) -> dict[str, int]:

@@ -263,12 +263,12 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
 
 def locate_run(cfg: Config, resume_dir: Path | None, check: bool) -> tuple[Path, Path, Path | None]:
     """(run directory, TensorBoard directory, checkpoint to resume from or None)."""
-    from mlx_grpo.checkpoint import latest_checkpoint, read_state
+    from mlx_grpo.checkpoint import check_resumable, latest_checkpoint
 
     if resume_dir is None:
         return (*make_run_dirs(cfg, check=check), None)  # only rank 0 checks (and later creates) it
     checkpoint = latest_checkpoint(resume_dir)
-    read_state(checkpoint)  # one that cannot be resumed is refused now, not after the slow model load
+    check_resumable(checkpoint)  # refused now, not after the slow model load
     return resume_dir, Path(cfg.train.output_dir) / "tensorboard" / resume_dir.name, checkpoint
 
 

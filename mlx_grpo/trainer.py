@@ -171,7 +171,6 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
 def wrap_up(state: TrainState, policy: Policy, logger: RunLogger, checkpointer: Checkpointer, run_complete: bool,
             world: World) -> None:
     """The end of a run: adapters saved if the last steps have no checkpoint, the summary if done."""
-    logger.system.stop()
     if state.step > checkpointer.saved_step and world.is_main:
         policy.save_adapters(logger.run_dir)
     if run_complete and world.is_main:
