@@ -25,6 +25,7 @@ from pathlib import Path
 FIX_HINT = "install Debian's libopenblas0-pthread (apt-get install libopenblas0-pthread) or `uv sync` to get cmeel-openblas"
 
 loaded_blas: str | None = None  # path of the library we loaded, for logs and benchmarks
+loaded_deps: tuple[str, ...] = ()  # libraries it needed loaded first (cmeel-openblas: libgfortran)
 _attempted = False
 
 
@@ -72,13 +73,72 @@ def _cmeel_openblas() -> str | None:
         lib = site / "cmeel.prefix" / "lib" / "libopenblas.so.0"
         if not lib.exists():
             continue
+        deps: tuple[str, ...] = ()
         if not ctypes.util.find_library("gfortran"):
             gfortran = _gfortran_with_standard_soname(site / "mlx_cpu.libs")
             if gfortran is None:
                 return None
-            ctypes.CDLL(gfortran, mode=ctypes.RTLD_GLOBAL)
+            deps = (*map(str, (site / "mlx_cpu.libs").glob("libquadmath-*.so*")), gfortran)
+        if not runs_here(str(lib), deps):
+            warnings.warn("the cmeel-openblas wheel does not run on this CPU (it is built for AVX-512)")
+            return None
+        if deps:
+            global loaded_deps
+            ctypes.CDLL(deps[-1], mode=ctypes.RTLD_GLOBAL)
+            loaded_deps = deps
         return str(lib)
     return None
+
+
+# Run in a child process: load the library and multiply two small matrices. A BLAS built for
+# newer instructions than this CPU has (cmeel-openblas is built for AVX-512) dies of SIGILL there,
+# which in this process would kill the program at its first matmul.
+_PROBE = """
+import ctypes, sys
+for dep in sys.argv[2:]:
+    ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL)
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+n = 64
+a = (ctypes.c_float * (n * n))(*([1.0] * (n * n)))
+c = (ctypes.c_float * (n * n))()
+f, i = ctypes.c_float, ctypes.c_int
+lib.cblas_sgemm(i(101), i(111), i(111), i(n), i(n), i(n), f(1.0), a, i(n), a, i(n), f(0.0), c, i(n))
+sys.exit(0 if c[0] == n else 3)
+"""
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def runs_here(path: str, deps: tuple[str, ...] = ()) -> bool:
+    """Whether the BLAS at `path` works on this CPU (probed in a child process; the answer is
+    cached per library file and CPU)."""
+    import hashlib
+    import subprocess
+
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    key = hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{_cpu_flags()}".encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo" / "blas" / f"probe-{key}"
+    if cache.exists():
+        return cache.read_text() == "ok"
+    try:
+        ok = subprocess.run([sys.executable, "-c", _PROBE, path, *deps], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text("ok" if ok else "fails")
+    except OSError:
+        pass
+    return ok
 
 
 def threads_per_local_rank(hosts: list, rank: int, cpus: int) -> int | None:
@@ -121,6 +181,8 @@ def load_optimized_blas() -> str | None:
         return None
     candidates = [override] if override else _system_openblas()
     for path in candidates:
+        if not override and not runs_here(path):
+            continue
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             loaded_blas = path
