@@ -54,11 +54,17 @@ class DataConfig:
     instruction: str = opt("", "Built-in tasks: the instruction after each question; empty = the task's own "
                                "(largest: 'Answer with just the number.').")
     list_size: int = opt(3, "Largest task difficulty: how many numbers each question lists (3-5 are its levels).")
+    min_list_size: int = opt(0, "Largest task: when above 0 and below list_size, each question lists between this many "
+                                "and list_size numbers, so one dataset holds several difficulty levels.")
     max_value: int = opt(99, "Largest task: the numbers are drawn from 1 to this.")
     max_ops: int = opt(1, "Arithmetic task difficulty: at most this many operations per problem (1-3).")
     max_operand: int = opt(20, "Arithmetic task difficulty: largest number in a problem.")
     system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
     on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
+    curriculum: bool = opt(False, "Sample the easiest difficulty level first; the next level joins the pool once the "
+                                  "current one's recent accuracy reaches curriculum_threshold.")
+    curriculum_threshold: float = opt(0.7, "Curriculum: the accuracy (pass@1 rule) that unlocks the next level.")
+    curriculum_window: int = opt(64, "Curriculum: that accuracy is over the current level's last N scored completions.")
     epoch_size: int = opt(80, "Prompts per epoch for the Epoch/* metrics (80: the demo's 100 steps of 4 prompts show "
                               "5 epochs); 0 = one pass over the training prompts.")
 
@@ -71,6 +77,14 @@ class RolloutConfig:
                                  "problems with reasoning need about 64, code 256).")
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
+    adaptive_window: bool = opt(False, "Set each step's max_new_tokens from the recent successful completions' lengths "
+                                       "(their window_percentile plus window_margin, within [window_min_tokens, "
+                                       "max_new_tokens]); a step explores at max_new_tokens with probability window_epsilon.")
+    window_min_tokens: int = opt(4, "Adaptive window: the smallest budget it may set.")
+    window_margin: int = opt(4, "Adaptive window: tokens of room above that percentile.")
+    window_percentile: float = opt(95.0, "Adaptive window: the percentile of the successful lengths the window covers.")
+    window_epsilon: float = opt(0.1, "Adaptive window: the chance that a step explores at the full max_new_tokens.")
+    window_history: int = opt(256, "Adaptive window: how many of the latest successful lengths it remembers.")
     pipeline: bool = opt(False, "Generate the next batch while the teacher scores this one. That batch then trains one "
                                 "update late, with its importance ratio taken against the policy that sampled it. "
                                 "Pays off when teacher latency is a large part of a step.")
@@ -89,6 +103,10 @@ class GRPOConfig:
     mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
     share_prompt_pass: bool = opt(True, "Run each group's prompt through the model once in the log-prob and update passes, "
                                         "its G completions attending to that one copy (false: every row in full).")
+    sgrpo: bool = opt(False, "S-GRPO (serial group): per prompt, one full reasoning path, then G - 1 answers from exits "
+                             "cut inside its <reasoning>; correct answers earn 1, 1/2, 1/4, ... by exit order, wrong "
+                             "ones 0, and the advantage is the reward minus the group mean. It replaces the parallel group.")
+    sgrpo_answer_tokens: int = opt(16, "S-GRPO: the most tokens an early exit's answer may take.")
     logprob_chunk_size: int = opt(64, "Completion positions per chunk when computing log-probs (bounds the logits memory).")
 
 
@@ -136,6 +154,9 @@ class LoggingConfig:
                                      "(batch_metrics.jsonl) and eval accuracy; empty = the rubric's `correct:` "
                                      "criterion, or the total reward when it names none.")
     correct_threshold: float = opt(1.0, "A completion is correct when that score is >= this.")
+    entropy_dump_every: int = opt(0, "Every N steps write the per-token entropy and varentropy of the sampling policy "
+                                     "to <run>/entropy_data/entropy_step_NNNNNN.safetensors (0 = never; never to W&B). "
+                                     "scripts/entropy_report.py plots them.")
     system_interval_s: float = opt(1.0, "Seconds between System/* samples (taken in a background thread).")
 
 
@@ -327,6 +348,18 @@ def validate(cfg: Config) -> None:
     require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
     require(cfg.logging.performance_every >= 1, "logging.performance_every", "must be at least 1")
     require(cfg.logging.histogram_every >= 1, "logging.histogram_every", "must be at least 1")
+    require(cfg.data.min_list_size == 0 or 2 <= cfg.data.min_list_size <= cfg.data.list_size, "data.min_list_size",
+            "must be 0 (off) or between 2 and data.list_size")
+    require(0 <= cfg.data.curriculum_threshold <= 1, "data.curriculum_threshold", "must be in [0, 1]")
+    require(cfg.data.curriculum_window >= 1, "data.curriculum_window", "must be at least 1")
+    require(1 <= cfg.rollout.window_min_tokens <= cfg.rollout.max_new_tokens, "rollout.window_min_tokens",
+            "must be between 1 and rollout.max_new_tokens")
+    require(cfg.rollout.window_margin >= 0, "rollout.window_margin", "must be >= 0")
+    require(0 < cfg.rollout.window_percentile <= 100, "rollout.window_percentile", "must be in (0, 100]")
+    require(0 <= cfg.rollout.window_epsilon <= 1, "rollout.window_epsilon", "must be in [0, 1]")
+    require(cfg.rollout.window_history >= 1, "rollout.window_history", "must be at least 1")
+    require(cfg.grpo.sgrpo_answer_tokens >= 1, "grpo.sgrpo_answer_tokens", "must be at least 1")
+    require(cfg.logging.entropy_dump_every >= 0, "logging.entropy_dump_every", "must be >= 0")
     require(cfg.logging.system_interval_s > 0, "logging.system_interval_s", "must be positive")
     require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     require(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be at least 1")

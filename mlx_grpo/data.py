@@ -53,6 +53,13 @@ def _check_row(row: Any) -> dict:
         if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
             raise ValueError("'tests' must be a string or a list of strings")
         row["tests"] = t
+    if "difficulty" in row and row["difficulty"] is not None:
+        d = row["difficulty"]
+        if isinstance(d, float) and d.is_integer():
+            d = int(d)
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or isinstance(d, str) and not d.strip():
+            raise ValueError(f"'difficulty' must be an integer or a non-empty string, got {d!r}")
+        row["difficulty"] = d
     if "system" in row and not isinstance(row["system"], str):
         raise ValueError(f"'system' must be a string, got {type(row['system']).__name__}")
     return row
@@ -63,7 +70,8 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
 
     Each non-blank line is a JSON object with a string "prompt"; optional "answer" (string or
     number, stored as a string), "tests" (string or list of strings, stored as a list), "system"
-    (string). Extra fields are kept. on_bad_line="error" raises UserInputError("path:LINE: ...")
+    (string), "difficulty" (an integer or a name: its level, for difficulty/* and data.curriculum).
+    Extra fields are kept. on_bad_line="error" raises UserInputError("path:LINE: ...")
     at the first bad line; "skip" drops bad lines and counts them.
     """
     if on_bad_line not in ("error", "skip"):
@@ -104,7 +112,7 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
 # takes `instruction` (the text after the question; "" = the task's own) and its own difficulty
 # options; the other tasks' options are not passed to it.
 BUILTIN_TASKS = {
-    "largest": (largest_dataset, ("list_size", "max_value", "instruction")),
+    "largest": (largest_dataset, ("list_size", "min_list_size", "max_value", "instruction")),
     "arithmetic": (arithmetic_dataset, ("max_ops", "max_operand", "instruction")),
     "coding": (coding_dataset, ("instruction",)),
 }
@@ -114,6 +122,7 @@ _DEFAULT_SIZES = {"train": 2000, "test": 200}
 def task_options(data_cfg) -> dict:
     """The built-in tasks' options (instruction and difficulty) from a config's data section."""
     return {"max_ops": data_cfg.max_ops, "max_operand": data_cfg.max_operand, "list_size": data_cfg.list_size,
+            "min_list_size": data_cfg.min_list_size,
             "max_value": data_cfg.max_value, "instruction": data_cfg.instruction}
 
 

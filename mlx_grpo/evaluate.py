@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_grpo.curriculum import difficulty_levels, difficulty_metrics, level_indices
 from mlx_grpo.data import build_prompt_tokens
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.metrics.record import correct_mask, correctness_criterion
@@ -183,6 +184,9 @@ def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_n
     metrics = eval_metrics(joined["rewards"], joined["valid"], {n: np.concatenate(c) for n, c in columns.items()},
                            joined["correct"], joined["lengths"], joined["truncated"], samples)
     metrics.update(answer_spread([row["answer"] for row in rows]))
+    levels = difficulty_levels(items)  # difficulty/{level}_acc and _count, when the items carry levels
+    metrics.update(difficulty_metrics(levels, level_indices([s for s in items for _ in range(samples)], levels),
+                                      joined["correct"], joined["valid"]))
     return EvalResult(metrics, rows, time.perf_counter() - start_time)
 
 

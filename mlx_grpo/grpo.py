@@ -150,7 +150,8 @@ def completion_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     group_size: int = 1,
-) -> mx.array | tuple[mx.array, mx.array]:
+    return_varentropy: bool = False,
+) -> mx.array | tuple[mx.array, ...]:
     """float32 (N, C) log p(tokens[i, p_i + j] | tokens[i, :p_i + j]) for j in [0, C).
 
     tokens: int32 (N, T), each row = prompt, completion, right padding (the model has no attention
@@ -163,6 +164,8 @@ def completion_logprobs(
     chunk's logits instead of keeping every chunk's logits alive.
     temperature: divide logits by it (to match a sampler that used temperature != 1).
     return_entropy: also return the per-token entropy (N, C) of the (tempered) distribution.
+    return_varentropy: return the entropy and also the varentropy (N, C), the variance of log p
+    over the distribution: sum p (log p)^2 - H^2.
     group_size: when > 1, consecutive rows in groups of this size share their prompt, which is then
     run once per group (G times less prompt work); not under mx.compile, which cannot read the
     prompt lengths.
@@ -184,6 +187,7 @@ def completion_logprobs(
 
     head_module, head = _output_head(model)
     inv_t = 1.0 / float(temperature)
+    return_entropy = return_entropy or return_varentropy
 
     def chunk_fn(h, ids):
         logits = head(h).astype(mx.float32)
@@ -198,30 +202,29 @@ def completion_logprobs(
         # H = lse - sum p * logit; cheap because the chunk's logits already exist. It is a
         # statistic: stop_gradient keeps the backward pass from differentiating it.
         z = mx.stop_gradient(logits)
-        ent = mx.stop_gradient(lse) - (mx.softmax(z, axis=-1) * z).sum(axis=-1)
-        return lp, ent
+        probs = mx.softmax(z, axis=-1)
+        ent = mx.stop_gradient(lse) - (probs * z).sum(axis=-1)
+        if not return_varentropy:
+            return lp, ent
+        log_p = z - mx.stop_gradient(lse)[..., None]
+        return lp, ent, (probs * log_p * log_p).sum(axis=-1) - ent * ent
 
     # Checkpoint w.r.t. the head's (trainable) parameters as well as the chunk inputs.
     chunk_fn = nn.utils.checkpoint(head_module, chunk_fn)
 
     step = max(1, int(chunk_size))
-    lps, ents = [], []
+    chunks = []  # per chunk: (log-probs,) or (log-probs, entropy[, varentropy])
     for s in range(0, c, step):
         h = hidden[:, s : s + step]
-        if lps:
+        if chunks:
             # Order the chunks, so the lazy graph frees one chunk's logits before the next.
-            h = mx.depends(h, lps[-1])
+            h = mx.depends(h, chunks[-1][0])
         out = chunk_fn(h, targets[:, s : s + step])
-        if return_entropy:
-            lps.append(out[0])
-            ents.append(out[1])
-        else:
-            lps.append(out)
-    logprobs = mx.concatenate(lps, axis=1) if lps else mx.zeros((n, 0), dtype=mx.float32)
-    if not return_entropy:
-        return logprobs
-    entropy = mx.concatenate(ents, axis=1) if ents else mx.zeros((n, 0), dtype=mx.float32)
-    return logprobs, entropy
+        chunks.append(out if isinstance(out, tuple) else (out,))
+    width = 1 + return_entropy + return_varentropy
+    columns = [mx.concatenate([ch[k] for ch in chunks], axis=1) if chunks else mx.zeros((n, 0), dtype=mx.float32)
+               for k in range(width)]
+    return columns[0] if width == 1 else tuple(columns)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,13 +53,15 @@ def prepare_trainable(model, cfg: Config) -> dict:
                       num_layers=cfg.lora.num_layers, target_modules=cfg.lora.target_modules or None)
 
 
-def batch_logprobs(model, batch: TrainBatch, cfg: Config, return_entropy: bool = False):
+def batch_logprobs(model, batch: TrainBatch, cfg: Config, return_entropy: bool = False,
+                   return_varentropy: bool = False):
     rows, G = batch.tokens.shape[0], cfg.rollout.group_size
     # Rows come in whole groups that share a prompt: run each prompt once (not under compile,
     # which would need the prompt lengths as constants).
     shared = cfg.grpo.share_prompt_pass and not cfg.optim.compile and G > 1 and rows % G == 0
     return grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
                                     chunk_size=cfg.grpo.logprob_chunk_size, return_entropy=return_entropy,
+                                    return_varentropy=return_varentropy,
                                     group_size=G if shared else 1)
 
 
@@ -89,6 +91,8 @@ def make_loss_fn(cfg: Config):
                                      beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
                                      loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens)
         stats["entropy"] = grpo.masked_mean(mx.stop_gradient(entropy), batch.mask)
+        if ref_logprobs is not None:
+            stats["ref_logprobs"] = grpo.masked_mean(mx.stop_gradient(ref_logprobs), batch.mask)
         return loss, stats
 
     return loss_fn
@@ -214,6 +218,12 @@ class Policy:
     def update(self, batch: TrainBatch, advantages, old, ref, local: bool = True) -> dict:
         return update_policy(self.model, self.optimizer, self.loss_and_grad, self.cfg, batch, advantages, old, ref,
                              self.world, local)
+
+    def token_entropy(self, batch: TrainBatch) -> tuple[mx.array, mx.array]:
+        """(N, C) entropy and varentropy of each completion position under the current weights."""
+        _, entropy, varentropy = batch_logprobs(self.model, batch, self.cfg, return_varentropy=True)
+        mx.eval(entropy, varentropy)
+        return entropy, varentropy
 
     @property
     def learning_rate(self) -> float:

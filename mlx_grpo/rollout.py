@@ -29,6 +29,10 @@ class Rollout:
     # temperature and top-p), aligned with completion_tokens. Computed in the model's dtype, so
     # only about 3 significant digits for a bfloat16 model.
     logprobs: list[list[float]] | None = None
+    max_new_tokens: int = 0  # the budget the rows were sampled with (rollout.adaptive_window varies it)
+    # 1.0 on sampled tokens, 0.0 on tokens inserted rather than sampled (S-GRPO's answer-inducing
+    # text), which must carry no loss; None: every token was sampled.
+    loss_mask: list[list[float]] | None = None
 
     @property
     def num_generated_tokens(self) -> int:
@@ -129,6 +133,7 @@ def generate_rollout(
         prefill_time_s=first_token_at - start,
         generation_time_s=end - start,
         logprobs=[logprobs[u] for u in uids],
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -166,11 +171,13 @@ def to_train_batch(rollout: Rollout, mask_truncated: bool = False, pad_to: int =
     completion_len = _round_up(max(1, max(len(c) for c in rollout.completion_tokens)), pad_to)
     total_len = _round_up(max(len(p) + len(c) for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens)), pad_to)
     tokens, mask = [], []
-    for prompt, completion, truncated in zip(rollout.prompt_tokens, rollout.completion_tokens, rollout.truncated):
+    sampled = rollout.loss_mask or [[1.0] * len(c) for c in rollout.completion_tokens]
+    for prompt, completion, truncated, on in zip(rollout.prompt_tokens, rollout.completion_tokens,
+                                                 rollout.truncated, sampled):
         row = prompt + completion
         tokens.append(row + [0] * (total_len - len(row)))
         keep = 0.0 if (mask_truncated and truncated) else 1.0
-        mask.append([keep] * len(completion) + [0.0] * (completion_len - len(completion)))
+        mask.append([keep * m for m in on] + [0.0] * (completion_len - len(completion)))
     lengths = [len(p) for p in rollout.prompt_tokens]
     num_tokens = sum(lengths) + rollout.num_generated_tokens
     return TrainBatch(mx.array(tokens, dtype=mx.int32), mx.array(lengths, dtype=mx.int32),

@@ -4,17 +4,21 @@ batch, generation, scoring in the background, and (rollout.pipeline) the next ba
 
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
+from mlx_grpo.adaptive_window import AdaptiveWindow
 from mlx_grpo.config import Config
+from mlx_grpo.curriculum import Curriculum, difficulty_levels
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.distributed import World
 from mlx_grpo.rewards import Scorer, contiguous_groups
 from mlx_grpo.rollout import Rollout, generate_rollout
+from mlx_grpo.sgrpo import serial_group_rollout
 
 
 @dataclass
@@ -29,11 +33,16 @@ class ScoredRollout:
     score_start: float
     scored_at: list[float]  # filled in when scoring finishes
     late: bool = False  # sampled before the previous update (rollout.pipeline): train it off-policy
+    explored: bool = False  # rollout.adaptive_window: sampled at the full max_new_tokens to explore
 
     @property
     def scoring_time(self) -> float:
         """Seconds from submission until the scores were ready (call after the result)."""
         return (self.scored_at[0] if self.scored_at else time.perf_counter()) - self.score_start
+
+    @property
+    def rollout_lengths(self) -> list[int]:
+        return [len(c) for c in self.rollout.completion_tokens]
 
     def sampled_logprobs(self, width: int) -> mx.array:
         """(N, width) log-probs recorded while sampling, right-padded with 0 like the train batch's mask."""
@@ -45,12 +54,19 @@ class RolloutSource:
 
     Every rank's sampler draws the same global batch of B * world.size prompts; each rank takes its
     own B. With rollout.pipeline, `prefetch` samples the next step's batch before this step's
-    update, so that the teacher scores it while the update runs.
+    update, so that the teacher scores it while the update runs. `adapt` lets the step's results
+    steer what comes next: the curriculum's level (data.curriculum) and the generation window
+    (rollout.adaptive_window). Every rank adapts alike: it sees every rank's results.
     """
 
     def __init__(self, cfg: Config, items: list[dict], model, tokenizer, scorer: Scorer, world: World = World()):
         self.cfg, self.model, self.tokenizer, self.scorer, self.world = cfg, model, tokenizer, scorer, world
-        self.sampler = PromptSampler(items, seed=cfg.train.seed)
+        d, r = cfg.data, cfg.rollout
+        self.levels = difficulty_levels(items)  # for difficulty/*, easiest first
+        self.sampler = (Curriculum(items, cfg.train.seed, d.curriculum_threshold, d.curriculum_window)
+                        if d.curriculum else PromptSampler(items, seed=cfg.train.seed))
+        self.window = AdaptiveWindow(cfg.train.seed, r.max_new_tokens, r.window_min_tokens, r.window_margin,
+                                     r.window_percentile, r.window_epsilon, r.window_history) if r.adaptive_window else None
         self.upcoming: ScoredRollout | None = None
 
     def take(self, step: int) -> ScoredRollout:
@@ -75,13 +91,31 @@ class RolloutSource:
         # exactly what the uninterrupted run drew.
         mx.random.seed(self.cfg.train.seed * 1_000_003 + step + self.world.rank * 1_000_000_007)
         r = self.cfg.rollout
+        budget, explored = self.window.window_for(step) if self.window else (r.max_new_tokens, False)
         prompts = [build_prompt_tokens(self.tokenizer, s, self.cfg.data.system_prompt or None) for s in samples]
-        rollout = generate_rollout(self.model, prompts, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
-                                   eos_token_ids=set(self.tokenizer.eos_token_ids), temperature=r.temperature,
-                                   top_p=r.top_p)
-        return self._submit(samples, prompts, rollout, late)
+        sample = dict(group_size=r.group_size, max_new_tokens=budget, eos_token_ids=set(self.tokenizer.eos_token_ids),
+                      temperature=r.temperature, top_p=r.top_p)
+        if self.cfg.grpo.sgrpo:
+            rng = random.Random(f"sgrpo:{self.cfg.train.seed}:{step}:{self.world.rank}")  # the exits; resume-exact
+            rollout = serial_group_rollout(self.model, self.tokenizer, prompts, **sample, rng=rng,
+                                           answer_tokens=self.cfg.grpo.sgrpo_answer_tokens)
+        else:
+            rollout = generate_rollout(self.model, prompts, **sample)
+        return self._submit(samples, prompts, rollout, late, explored)
 
-    def _submit(self, samples: list[dict], prompts: list[list[int]], rollout: Rollout, late: bool) -> ScoredRollout:
+    def adapt(self, current: ScoredRollout, seen) -> dict:
+        """Learn from a step's results (`seen`: the logger's StepView of every rank's completions);
+        returns the curriculum/* and adaptive_window/* scalars of the step."""
+        record = {}
+        if isinstance(self.sampler, Curriculum):
+            record.update(self.sampler.observe(seen.levels, seen.correct, seen.scored.valid))
+        if self.window is not None:
+            record.update(self.window.observe(current.rollout.max_new_tokens, current.explored, seen.lengths,
+                                              seen.correct, seen.scored.valid, seen.scored.rewards))
+        return record
+
+    def _submit(self, samples: list[dict], prompts: list[list[int]], rollout: Rollout, late: bool,
+                explored: bool = False) -> ScoredRollout:
         G, eos_ids = self.cfg.rollout.group_size, set(self.tokenizer.eos_token_ids)
         texts = [self.tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
         group_samples = [s for s in samples for _ in range(G)]
@@ -89,16 +123,22 @@ class RolloutSource:
         scoring = self.scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
         scored_at: list[float] = []
         scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
-        return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, score_start, scored_at, late)
+        return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, score_start, scored_at, late,
+                             explored)
 
     def state_dict(self) -> dict:
-        """The sampler's cursor, and a prefetched batch's tokens (its scores are not kept)."""
+        """The sampler's cursor (and curriculum level), the window's memory, and a prefetched batch's
+        tokens (its scores are not kept)."""
         up = self.upcoming
-        return {"sampler": self.sampler.state_dict(), "upcoming": None if up is None else {
-            "samples": up.samples, "prompts": up.prompts, "rollout": asdict(up.rollout)}}
+        return {"sampler": self.sampler.state_dict(), "window": self.window.state_dict() if self.window else None,
+                "upcoming": None if up is None else {"samples": up.samples, "prompts": up.prompts,
+                                                     "rollout": asdict(up.rollout), "explored": up.explored}}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        if self.window is not None:
+            self.window.load_state_dict(state["window"])
         if state.get("upcoming"):  # sampled before the checkpoint; its scoring is redone
             up = state["upcoming"]
-            self.upcoming = self._submit(up["samples"], up["prompts"], Rollout(**up["rollout"]), late=True)
+            self.upcoming = self._submit(up["samples"], up["prompts"], Rollout(**up["rollout"]), late=True,
+                                         explored=up.get("explored", False))

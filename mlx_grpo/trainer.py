@@ -7,6 +7,7 @@ owns that concern:
     Policy         (policy.py)           model, AdamW, the clipped-surrogate loss, the reference
     grpo           (grpo.py)             the math: advantages, log-probs, the loss (pure functions)
     RunLogger      (metrics/run_log.py)  the step's metric record and the run directory's files
+    sgrpo          (sgrpo.py)            S-GRPO's serial group and its decaying rewards (grpo.sgrpo)
     Checkpointer   (checkpoint.py)       saves and restores the state of all of the above
 """
 
@@ -20,12 +21,13 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo import grpo
+from mlx_grpo import grpo, sgrpo
 from mlx_grpo.checkpoint import Checkpointer, GlobalRandom
 from mlx_grpo.config import Config
 from mlx_grpo.distributed import World
 from mlx_grpo.evaluate import evaluate_with_config
 from mlx_grpo.metrics import MetricsHub
+from mlx_grpo.metrics.entropy_dump import EntropyDumper
 from mlx_grpo.metrics.run_log import LOG_FILES, RunLogger, StepOutcome
 from mlx_grpo.policy import COMPILE_BUCKET, NO_UPDATE_STATS, Policy
 from mlx_grpo.rewards import RubricWatcher, Scorer, describe_rubric
@@ -94,7 +96,9 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
     seed_everything(cfg.train.seed)
     policy = Policy(model, cfg, world)
     rollouts = RolloutSource(cfg, prompts.train, model, tokenizer, scorer, world)
-    logger = RunLogger(cfg, run.run_dir, run.hub, scorer, len(prompts.train), world, run.notify, run.progress)
+    logger = RunLogger(cfg, run.run_dir, run.hub, scorer, len(prompts.train), world, run.notify, run.progress,
+                       levels=rollouts.levels)
+    entropy_dumps = EntropyDumper(run.run_dir, cfg.logging.entropy_dump_every, enabled=world.is_main)
     state = TrainState()
     checkpointer = Checkpointer(run.run_dir, policy, {"loop": state, "rollouts": rollouts, "logger": logger,
                                                       "scorer": scorer, "random": GlobalRandom()},
@@ -122,15 +126,18 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
                 old_logprobs, ref_logprobs = policy.frozen_logprobs(batch, sampled)
+                entropy_dumps.dump_if_due(step, policy, batch, current.rollout_lengths)  # logging.entropy_dump_every
             timer.peak("logprobs")
             with timer.time("reward_wait"):
                 scored = current.scoring.result()
             scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
+            # S-GRPO: the group is serial, and its rewards decay with the exit of each correct answer.
             with timer.time("adv"):
-                advantages = grpo.group_advantages(mx.array(scored.rewards), G, scale=cfg.grpo.scale_rewards,
-                                                   valid=mx.array(scored.valid))
+                rewards = sgrpo.decaying_rewards(logger.correct(scored), G) if cfg.grpo.sgrpo else scored.rewards
+                advantages = grpo.group_advantages(mx.array(rewards), G, valid=mx.array(scored.valid),
+                                                   scale="none" if cfg.grpo.sgrpo else cfg.grpo.scale_rewards)
                 batch = batch if scored.valid.all() else batch.keep_rows(scored.valid)
                 # Ranks agree: any signal anywhere means every rank joins the update.
                 has_signal = world.any((cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item())
@@ -147,14 +154,18 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # 6. Held-out evaluation, every cfg.eval.every steps and at the end.
             eval_record = held_out_record(cfg, step, model, tokenizer, prompts.held_out, scorer, timer, world)
 
-            # 7. Log one record of the whole global batch (every rank's completions are gathered).
+            # 7. Log one record of the whole global batch (every rank's completions are gathered),
+            # once the curriculum and the generation window have learnt from it for the next steps.
             state.step = step
             state.stop_reason, budget_spent = stop_requests(step, scorer, run.should_stop, world)
             run_complete = step == cfg.train.steps or budget_spent  # (an interrupted run is resumed)
-            logger.log_step(StepOutcome(
+            outcome = StepOutcome(
                 step, current.group_samples, current.prompts, current.rollout, current.texts, scored,
                 np.array(advantages), stats, has_signal, batch.num_tokens, policy.learning_rate, timer,
-                current.scoring_time, eval_record, state.nonfinite_skips), last=run_complete)
+                current.scoring_time, eval_record, state.nonfinite_skips)
+            seen = logger.gather(outcome)
+            adapted = rollouts.adapt(current, seen)
+            logger.log_step(outcome, seen, last=run_complete, extra=adapted)
 
             # 8. Checkpoint, and stop early when asked to (budget spent, Ctrl-C).
             if run_complete or state.stop_reason or (cfg.train.save_every and step % cfg.train.save_every == 0):
@@ -164,6 +175,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 run.notify(state.stop_reason)
                 break
     finally:  # whatever ends the loop (done, budget, teacher down, a crash), the trained weights are kept
+        entropy_dumps.close()
         wrap_up(state, policy, logger, checkpointer, run_complete, world)
     return state
 
@@ -218,6 +230,6 @@ def held_out_record(cfg: Config, step: int, model, tokenizer, items: list[dict] 
     (every cfg.eval.every steps, and the last); rank 0 alone evaluates."""
     if not (items and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps)):
         return {}
-    with timer.time("eval"):
+    with timer.time("testing"):  # the seed's name for the validation phase
         result = evaluate_with_config(model, tokenizer, items, scorer, cfg) if world.is_main else None
     return {f"eval/{key}": value for key, value in result.metrics.items()} if result is not None else {}

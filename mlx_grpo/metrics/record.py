@@ -60,7 +60,62 @@ def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], fin
         "tokens/prompt_total": float(prompts.sum()),
         "tokens/response_total": float(lengths.sum()),
         "tokens/overall_total": float(prompts.sum() + lengths.sum()),
+        # The TRL names of the healthy-ranges seed.
+        "tokens/queries_len_mean": float(prompts.mean()),
+        "tokens/responses_len_mean": float(lengths.mean()),
+        "tokens/responses_len_std": float(lengths.std()),
+        # Prompts are never cut to a maximum length here, so none is ever clipped.
+        "prompt_length/clip_ratio": 0.0,
     }
+
+
+def critic_metrics(rewards: np.ndarray, valid: np.ndarray, advantages: np.ndarray, lengths: np.ndarray,
+                   beta: float, kl: float) -> dict[str, float]:
+    """TinyZero's critic/* names carried over to GRPO, which has no critic.
+
+    score: the rubric reward of each scored completion, before any KL. rewards: after KL shaping,
+    which GRPO does not do (the KL is a term of the loss), so it equals the score. returns: what
+    the update used as each token's return: the completion's advantage on every one of its tokens
+    (an outcome reward, undiscounted), so these statistics are token-weighted. kl / kl_coeff: the
+    mean k3 KL to the reference and its weight beta.
+    """
+    scored = rewards[valid] if valid.any() else np.zeros(1, dtype=np.float32)
+    per_token = np.repeat(advantages[valid], lengths[valid]) if valid.any() else np.zeros(0)
+    per_token = per_token if per_token.size else np.zeros(1, dtype=np.float32)
+    record = {}
+    for name in ("score", "rewards"):
+        record.update({f"critic/{name}/mean": float(scored.mean()), f"critic/{name}/max": float(scored.max()),
+                       f"critic/{name}/min": float(scored.min())})
+    record.update({"critic/returns/mean": float(per_token.mean()), "critic/returns/max": float(per_token.max()),
+                   "critic/returns/min": float(per_token.min()), "ppo/returns/var": float(per_token.var()),
+                   "critic/kl": float(kl), "critic/kl_coeff": beta})
+    return record
+
+
+# Other trainers' names for values this record already holds: TRL GRPOTrainer's plain log keys (the
+# learning-log seed) and TRL PPO's env/, objective/ and ppo/ groups (the healthy-ranges seed).
+ALIASES = {
+    "loss": "Train/Loss", "grad_norm": "actor/grad_norm", "learning_rate": "actor/lr",
+    "reward": "Train/AvgReward", "reward_std": "Train/RewardStd", "entropy": "actor/entropy_loss",
+    "env/reward_mean": "Train/AvgReward", "env/reward_std": "Train/RewardStd",
+    "objective/kl": "actor/ppo_kl", "objective/kl_coef": "actor/kl_coef", "objective/entropy": "actor/entropy_loss",
+    "ppo/policy/entropy": "actor/entropy_loss", "ppo/policy/clipfrac": "actor/pg_clipfrac",
+    "ppo/policy/approxkl": "actor/ppo_kl", "ppo/policy/ratio": "actor/is_ratio/mean",
+    "ppo/policy/advantages_mean": "critic/advantages/mean", "ppo/returns/mean": "critic/returns/mean",
+    "ppo/loss/policy": "actor/pg_loss", "ppo/loss/total": "Train/Loss",
+}
+
+
+def alias_metrics(record: dict) -> dict[str, float]:
+    """The ALIASES of `record`'s values, and TRL's per-reward-function rewards/{criterion}/mean and /std."""
+    out = {alias: record[name] for alias, name in ALIASES.items() if name in record}
+    out["ppo/mean_non_score_reward"] = -record["Train/KLPenalty"]  # TRL PPO: the KL penalty as a reward
+    for tag, value in record.items():
+        if tag.startswith("Scoring/") and tag.endswith("_score"):
+            name = tag[len("Scoring/"):-len("_score")]
+            out[f"rewards/{name}/mean"] = value
+            out[f"rewards/{name}/std"] = record[f"Scoring/{name}_std"]
+    return out
 
 
 def correctness_criterion(configured: str, rubric) -> str:

@@ -20,16 +20,19 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_grpo.config import Config
+from mlx_grpo.curriculum import difficulty_metrics, level_indices
 from mlx_grpo.distributed import World
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
-from mlx_grpo.metrics.record import (correctness_criterion, criterion_metrics, length_metrics, reward_metrics,
-                                     teacher_metrics, timing_per_token)
+from mlx_grpo.metrics.record import (alias_metrics, correct_mask, correctness_criterion, critic_metrics,
+                                     criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
+                                     timing_per_token)
 from mlx_grpo.metrics.system import SystemSampler
 from mlx_grpo.metrics.tracker import MetricsTracker
 from mlx_grpo.rewards import Scorer
 from mlx_grpo.rewards.scoring import RewardBatch
 from mlx_grpo.rollout import Rollout
+from mlx_grpo.sgrpo import sgrpo_metrics
 
 # Log files in the run directory that a resume truncates back to the checkpoint.
 LOG_FILES = ("metrics.jsonl", "batch_metrics.jsonl", "learning.log", "completions.jsonl", "reward_breakdown.jsonl")
@@ -98,8 +101,9 @@ class RunLogger:
     computes the record (its collectives need every rank)."""
 
     def __init__(self, cfg: Config, run_dir: Path, hub: MetricsHub, scorer: Scorer, num_items: int,
-                 world: World = World(), notify=print, progress=None):
+                 world: World = World(), notify=print, progress=None, levels: list | None = None):
         self.cfg, self.run_dir, self.hub, self.scorer, self.world = cfg, run_dir, hub, scorer, world
+        self.levels = levels or []  # the training set's difficulty labels, easiest first
         self.notify, self.progress = notify, progress
         self.prompts_per_step = cfg.rollout.batch_size * world.size  # each step's prompts over all ranks
         self.prompts_per_epoch = cfg.data.epoch_size or num_items
@@ -133,17 +137,33 @@ class RunLogger:
         self._usage_before = self.scorer.usage
         return PhaseTimer()
 
-    def log_step(self, out: StepOutcome, last: bool) -> dict:
-        """The step's record, logged to every sink; its completions written to the run directory."""
+    def gather(self, out: StepOutcome) -> "StepView":
+        """The step's completions over every rank, with which are correct (the pass@1 rule)."""
+        seen = gather_step(self.world, out.scored, out.rollout, out.prompts, out.advantages,
+                           level_indices(out.samples, self.levels))
+        seen.correct = self.correct(seen.scored)
+        return seen
+
+    def correct(self, scored: RewardBatch) -> np.ndarray:
+        return correct_mask(scored, self.tracker.correct_criterion, self.tracker.correct_threshold)
+
+    def log_step(self, out: StepOutcome, seen: "StepView", last: bool, extra: dict | None = None) -> dict:
+        """The step's record, logged to every sink; its completions written to the run directory.
+        `seen` is `gather(out)`; `extra` holds scalars computed elsewhere (curriculum, window)."""
         cfg, timer = self.cfg, out.timer
         update_s = timer.seconds.get("update_actor", 0.0)
-        gen_speed, backprop_speed = self.world.sum([  # tokens/s of all ranks
+        gen_speed, backprop_speed, logprob_sum, sampled_tokens = self.world.sum([  # over all ranks
             out.rollout.tokens_per_sec,
-            out.trained_tokens * cfg.grpo.num_iterations / update_s if out.updated else 0.0])
-        seen = gather_step(self.world, out.scored, out.rollout, out.prompts, out.advantages)
+            out.trained_tokens * cfg.grpo.num_iterations / update_s if out.updated else 0.0,
+            sum(map(sum, out.rollout.logprobs or [])), out.rollout.num_generated_tokens])
         phases = {**timer.seconds, "reward": out.reward_seconds, "save_checkpoint": self.save_seconds}
-        record = step_record(cfg, out.stats, seen, self.scorer, out.learning_rate)
+        record = step_record(cfg, out.stats, seen, self.scorer, out.learning_rate, out.rollout.max_new_tokens)
+        record["objective/logprobs"] = logprob_sum / max(sampled_tokens, 1)  # of the sampled tokens, when sampled
+        record.update(difficulty_metrics(self.levels, seen.levels, seen.correct, seen.scored.valid))
+        if cfg.grpo.sgrpo:
+            record.update(sgrpo_metrics(seen.correct, seen.scored.valid, cfg.rollout.group_size))
         record.update(out.eval_record)
+        record.update(extra or {})
         record.update(timing_records(phases, timer.elapsed(), out.rollout.num_generated_tokens, out.trained_tokens))
         record["time/elapsed_s"] = time.perf_counter() - self.start_time
         record["health/nonfinite_skips"] = float(out.nonfinite_skips)
@@ -158,6 +178,10 @@ class RunLogger:
             record["Performance/Backprop_TokensPerSec"] = backprop_speed
         record.update(self.tracker.update(out.step, record, seen.scored, self.prompts_per_step, gen_speed,
                                           backprop_speed if out.updated else None, seen.truncated, seen.lengths))
+        record.update(alias_metrics(record))
+        if out.step % cfg.logging.histogram_every == 0:  # TRL PPO's distributions (arrays become histograms)
+            record["env/reward_dist"] = seen.scored.rewards[seen.scored.valid].astype(np.float32)
+            record["ppo/policy/advantages"] = seen.advantages[seen.scored.valid].astype(np.float32)
         busy = sum(timer.seconds.get(phase, 0.0) for phase in ("gen", "ref", "update_actor"))  # MLX computing
         record.update(self.system.snapshot(busy_s=busy, wall_s=record["timing_s/step"]))
         record.update({f"memory/peak_{phase}_gb": gb for phase, gb in timer.peaks_gb.items()})
@@ -217,7 +241,8 @@ class RunLogger:
         self.elapsed_before = state["elapsed_s"]
 
 
-def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, learning_rate: float) -> dict:
+def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, learning_rate: float,
+                max_new_tokens: int) -> dict:
     """The step's own metrics (everything that needs no history), named as in the seed references."""
     scored, G = seen.scored, cfg.rollout.group_size
     adv = seen.advantages[scored.valid] if scored.valid.any() else np.zeros(1)
@@ -227,7 +252,7 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
         "Train/KLPenalty": cfg.grpo.beta * stats["kl"],
         **reward_metrics(scored.rewards, scored.valid, G),
         **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
-        **length_metrics(seen.lengths.tolist(), seen.prompt_lengths, seen.finish_reasons, cfg.rollout.max_new_tokens),
+        **length_metrics(seen.lengths.tolist(), seen.prompt_lengths, seen.finish_reasons, max_new_tokens),
         "actor/update_skipped": float("entropy" not in stats),
         "actor/pg_loss": stats["policy_loss"],
         "actor/grad_norm": stats["grad_norm"],
@@ -245,9 +270,12 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
         "critic/advantages/mean": float(adv.mean()),
         "critic/advantages/max": float(adv.max()),
         "critic/advantages/min": float(adv.min()),
+        **critic_metrics(scored.rewards, scored.valid, seen.advantages, seen.lengths, cfg.grpo.beta, stats["kl"]),
     }
     if "entropy" in stats:  # measured by the update's forward pass; a skipped update has none
         record["actor/entropy_loss"] = stats["entropy"]
+    if "ref_logprobs" in stats:  # grpo.beta > 0: the sampled tokens' log-probs under the reference
+        record["objective/ref_logprobs"] = stats["ref_logprobs"]
     return record
 
 
@@ -260,22 +288,25 @@ class StepView:
     finish_reasons: list[str]
     prompt_lengths: list[int]
     advantages: np.ndarray
+    levels: np.ndarray  # each completion's difficulty level, an index into the dataset's levels (-1: none)
+    correct: np.ndarray | None = None  # by the pass@1 rule (RunLogger.gather fills it in)
 
 
 def gather_step(world: World, scored: RewardBatch, rollout: Rollout, prompts: list[list[int]],
-                advantages: np.ndarray) -> StepView:
-    """This rank's completions, or with several ranks all of them (rank 0's first)."""
+                advantages: np.ndarray, levels: np.ndarray) -> StepView:
+    """This rank's completions, or with several ranks all of them (rank 0's first). `levels`: the
+    difficulty level index of each prompt's sample, one per completion."""
     names = sorted(scored.criterion_scores)
     columns = world.gather(np.stack([scored.rewards, scored.valid, *(scored.criterion_scores[n] for n in names),
                                      [len(c) for c in rollout.completion_tokens], rollout.truncated,
-                                     advantages], axis=1).astype(np.float32))
-    rewards, valid, *criteria, lengths, truncated, adv = columns.T
+                                     advantages, levels], axis=1).astype(np.float32))
+    rewards, valid, *criteria, lengths, truncated, adv, level = columns.T
     gathered = RewardBatch(rewards=rewards, criterion_scores=dict(zip(names, criteria)), valid=valid.astype(bool),
                            justifications=scored.justifications)
     prompt_lengths = world.gather(np.array([len(p) for p in prompts], dtype=np.float32)).astype(int).tolist()
     truncated = truncated.astype(bool)
     return StepView(gathered, lengths.astype(int), truncated, ["length" if t else "stop" for t in truncated],
-                    prompt_lengths, adv)
+                    prompt_lengths, adv, level.astype(np.int64))
 
 
 def timing_records(phases: dict[str, float], step_s: float, response_tokens: int, trained_tokens: int) -> dict:

@@ -109,6 +109,7 @@ class MetricsTracker:
         self.recent: dict[str, deque] = {}
         self.hist_buffer: dict[str, list[float]] = {}
         self.all_scores: dict[str, list[float]] = {}  # for final/* and the summary table
+        self.cumulative_reward = 0.0  # every scored completion's reward so far (train/cumulative_reward)
 
     def update(self, step: int, record: dict, scored, num_prompts: int, gen_speed: float,
                backprop_speed: float | None, truncated: np.ndarray, lengths: np.ndarray) -> dict:
@@ -126,6 +127,10 @@ class MetricsTracker:
         columns = {name: column[~np.isnan(column)] for name, column in columns.items()}
         rewards = scored.rewards[valid]
         extra.update(self._reward_tags(step, columns, rewards))
+        # An outcome reward sits on a completion's last token, so the sum of the token-level
+        # rewards (the seed's definition) is the sum of the completions' rewards.
+        self.cumulative_reward += float(rewards.sum())
+        extra["train/cumulative_reward"] = self.cumulative_reward
 
         correct = correct_mask(scored, self.correct_criterion, self.correct_threshold)
         extra.update(pass_rates(correct, valid, self.group_size))
@@ -166,7 +171,8 @@ class MetricsTracker:
         """What the tracker has accumulated, as plain lists and numbers (for a checkpoint)."""
         return {"epochs": asdict(self.epochs), "speeds": self.speeds,
                 "recent": {name: list(values) for name, values in self.recent.items()},
-                "hist_buffer": self.hist_buffer, "all_scores": self.all_scores}
+                "hist_buffer": self.hist_buffer, "all_scores": self.all_scores,
+                "cumulative_reward": self.cumulative_reward}
 
     def load_state_dict(self, state: dict) -> None:
         epochs = dict(state["epochs"])
@@ -176,6 +182,7 @@ class MetricsTracker:
         self.recent = {name: deque(values, maxlen=RECENT) for name, values in state["recent"].items()}
         self.hist_buffer = {name: list(values) for name, values in state["hist_buffer"].items()}
         self.all_scores = {name: list(values) for name, values in state["all_scores"].items()}
+        self.cumulative_reward = state.get("cumulative_reward", 0.0)  # (a checkpoint from before it existed)
 
     def close_epoch(self) -> dict[str, float]:
         """Epoch/* of the epoch in progress (at the end of a run), or {} if it just closed."""

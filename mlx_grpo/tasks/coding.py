@@ -22,6 +22,12 @@ Do not include example usage, print statements or tests."""
 _CODING_FILE = "python_functions.jsonl"
 
 
+def solution_level(solution: str) -> int:
+    """A task's difficulty level from its reference solution's length: 1 (up to 4 lines), 2 (5-8), 3 (9+)."""
+    lines = len(solution.strip().splitlines())
+    return 1 if lines <= 4 else 2 if lines <= 8 else 3
+
+
 def coding_dataset(split: str, size: int | None, seed: int, instruction: str = "") -> list[dict]:
     """The packaged Python-function tasks of the given split ("train" or "test"), shuffled by seed.
 
@@ -30,7 +36,8 @@ def coding_dataset(split: str, size: int | None, seed: int, instruction: str = "
     the split, returns the whole split (tasks are never repeated). Deterministic in (split, seed),
     and a longer dataset with the same seed starts with the same tasks.
     Items carry "prompt" (task + CODE_INSTRUCTION), "tests", "entry_point", "id", "task" and
-    "solution" (the reference, for evaluation and debugging only; rewards do not need it).
+    "solution" (the reference, for evaluation and debugging only; rewards do not need it) and
+    "difficulty" (solution_level of the reference).
     """
     if split not in ("train", "test"):
         raise UserInputError(f"coding: unknown split {split!r}; expected 'train' or 'test'")
@@ -51,6 +58,7 @@ def coding_dataset(split: str, size: int | None, seed: int, instruction: str = "
             "id": row["id"],
             "task": row["task"],
             "solution": row["solution"],
+            "difficulty": solution_level(row["solution"]),
         })
     random.Random(f"coding:{seed}").shuffle(items)
     return items if size is None else items[:size]

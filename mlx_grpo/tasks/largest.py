@@ -39,9 +39,10 @@ def make_item(rng: random.Random, list_size: int, max_value: int, instruction: s
 
 
 def largest_dataset(split: str, size: int, seed: int, list_size: int = 3, max_value: int = 99,
-                    instruction: str = "") -> list[dict]:
+                    instruction: str = "", min_list_size: int = 0) -> list[dict]:
     """`size` distinct questions of the given split ("train" or "test"), each followed by
-    `instruction` ("" = INSTRUCTION) in the prompt.
+    `instruction` ("" = INSTRUCTION) in the prompt. With 2 <= min_list_size < list_size, each
+    question's list size is drawn uniformly from [min_list_size, list_size] (several levels).
 
     Deterministic in (split, size, seed, list_size, max_value); train and test never share a
     question, whatever the seeds, because the split is a hash of the question text.
@@ -50,13 +51,18 @@ def largest_dataset(split: str, size: int, seed: int, list_size: int = 3, max_va
         raise UserInputError(f"largest: unknown split {split!r}; expected 'train' or 'test'")
     if size < 0 or not 2 <= list_size <= max_value:
         raise UserInputError("largest: size must be >= 0 and 2 <= list_size <= max_value")
-    rng = random.Random(f"largest:{seed}:{list_size}:{max_value}")
+    if min_list_size and not 2 <= min_list_size <= list_size:
+        raise UserInputError("largest: min_list_size must be 0 or between 2 and list_size")
+    mixed = bool(min_list_size) and min_list_size < list_size
+    rng = random.Random(f"largest:{seed}:{min_list_size}-{list_size}:{max_value}" if mixed
+                        else f"largest:{seed}:{list_size}:{max_value}")
     items: list[dict] = []
     seen: set[str] = set()
     for _ in range(200 * size + 1000):
         if len(items) == size:
             return items
-        item = make_item(rng, list_size, max_value, instruction or INSTRUCTION)
+        n = rng.randint(min_list_size, list_size) if mixed else list_size
+        item = make_item(rng, n, max_value, instruction or INSTRUCTION)
         if item["question"] in seen or split_of(item["question"]) != split:
             continue
         seen.add(item["question"])
