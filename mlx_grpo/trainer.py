@@ -175,8 +175,8 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 run.notify(state.stop_reason)
                 break
     finally:  # whatever ends the loop (done, budget, teacher down, a crash), the trained weights are kept
-        entropy_dumps.close()
         wrap_up(state, policy, logger, checkpointer, run_complete, world)
+        entropy_dumps.close()  # after the weights are safe: it raises a failed write
     return state
 
 
