@@ -101,6 +101,10 @@ class GRPOConfig:
                              ("group", "batch", "none"))
     num_iterations: int = opt(1, "Optimisation passes (mu) over each generated batch.")
     mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
+    overlong_penalty: float = opt(0.0, "DAPO's soft overlong punishment (0 = off): a reward term that is 0 up to "
+                                       "max_new_tokens - overlong_buffer tokens, then falls linearly to -this at "
+                                       "max_new_tokens. Unlike mask_truncated it also warns completions nearing the limit.")
+    overlong_buffer: int = opt(16, "The overlong punishment's ramp, in tokens before max_new_tokens.")
     share_prompt_pass: bool = opt(True, "Run each group's prompt through the model once in the log-prob and update passes, "
                                         "its G completions attending to that one copy (false: every row in full).")
     sgrpo: bool = opt(False, "S-GRPO (serial group): per prompt, one full reasoning path, then G - 1 answers from exits "
@@ -358,6 +362,9 @@ def validate(cfg: Config) -> None:
     require(0 < cfg.rollout.window_percentile <= 100, "rollout.window_percentile", "must be in (0, 100]")
     require(0 <= cfg.rollout.window_epsilon <= 1, "rollout.window_epsilon", "must be in [0, 1]")
     require(cfg.rollout.window_history >= 1, "rollout.window_history", "must be at least 1")
+    require(cfg.grpo.overlong_penalty >= 0, "grpo.overlong_penalty", "must be >= 0")
+    require(cfg.grpo.overlong_penalty == 0 or 1 <= cfg.grpo.overlong_buffer <= cfg.rollout.max_new_tokens,
+            "grpo.overlong_buffer", "must be between 1 and rollout.max_new_tokens when grpo.overlong_penalty is on")
     require(cfg.grpo.sgrpo_answer_tokens >= 1, "grpo.sgrpo_answer_tokens", "must be at least 1")
     require(cfg.logging.entropy_dump_every >= 0, "logging.entropy_dump_every", "must be >= 0")
     require(cfg.logging.system_interval_s > 0, "logging.system_interval_s", "must be positive")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_grpo.forward import shared_prompt_hidden
 
@@ -111,6 +112,16 @@ def group_advantages(
     else:
         adv = dev
     return adv.reshape(-1)
+
+
+def overlong_penalty(lengths, max_new_tokens: int, buffer: int, penalty: float) -> np.ndarray:
+    """DAPO's soft overlong punishment, a reward term per completion: 0 up to max_new_tokens - buffer
+    tokens, then falling linearly to -penalty at max_new_tokens (a completion cut there)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if penalty == 0:
+        return np.zeros(lengths.shape, dtype=np.float32)
+    start = max_new_tokens - buffer
+    return (-penalty * np.clip((lengths - start) / buffer, 0.0, 1.0)).astype(np.float32)
 
 
 def zero_std_groups(rewards: mx.array, group_size: int, valid: mx.array | None = None) -> mx.array:

@@ -134,8 +134,11 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
             # S-GRPO: the group is serial, and its rewards decay with the exit of each correct answer.
+            # grpo.overlong_penalty: DAPO's soft punishment of completions near max_new_tokens.
             with timer.time("adv"):
                 rewards = sgrpo.decaying_rewards(logger.correct(scored), G) if cfg.grpo.sgrpo else scored.rewards
+                rewards = rewards + grpo.overlong_penalty(current.rollout_lengths, current.rollout.max_new_tokens,
+                                                          cfg.grpo.overlong_buffer, cfg.grpo.overlong_penalty)
                 advantages = grpo.group_advantages(mx.array(rewards), G, valid=mx.array(scored.valid),
                                                    scale="none" if cfg.grpo.sgrpo else cfg.grpo.scale_rewards)
                 batch = batch if scored.valid.all() else batch.keep_rows(scored.valid)

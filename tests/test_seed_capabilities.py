@@ -78,9 +78,11 @@ def test_critic_metrics_by_hand():
     valid = np.array([True, True, True, False])
     advantages = np.array([1.0, -1.0, 0.0, 5.0], dtype=np.float32)
     lengths = np.array([3, 1, 2, 4])
-    record = critic_metrics(rewards, valid, advantages, lengths, beta=0.04, kl=0.25)
+    record = critic_metrics(rewards, rewards, valid, advantages, lengths, beta=0.04, kl=0.25)
     assert record["critic/score/mean"] == pytest.approx(0.5) and record["critic/score/max"] == 1.0
-    assert record["critic/rewards/min"] == 0.0  # no KL shaping: rewards == score
+    assert record["critic/rewards/min"] == 0.0  # no shaping: rewards == score
+    shaped = critic_metrics(rewards, rewards - np.array([0.0, 0.0, 0.25, 0.0]), valid, advantages, lengths, 0.0, 0.0)
+    assert shaped["critic/rewards/mean"] == pytest.approx(1.25 / 3) and shaped["critic/score/mean"] == pytest.approx(0.5)
     # Token-weighted: three tokens of +1, one of -1, two of 0 (the masked row is left out).
     assert record["critic/returns/mean"] == pytest.approx(2 / 6)
     assert record["critic/returns/max"] == 1.0 and record["critic/returns/min"] == -1.0

@@ -69,23 +69,25 @@ def length_metrics(completion_lengths: list[int], prompt_lengths: list[int], fin
     }
 
 
-def critic_metrics(rewards: np.ndarray, valid: np.ndarray, advantages: np.ndarray, lengths: np.ndarray,
-                   beta: float, kl: float) -> dict[str, float]:
+def critic_metrics(rewards: np.ndarray, shaped: np.ndarray, valid: np.ndarray, advantages: np.ndarray,
+                   lengths: np.ndarray, beta: float, kl: float) -> dict[str, float]:
     """TinyZero's critic/* names carried over to GRPO, which has no critic.
 
-    score: the rubric reward of each scored completion, before any KL. rewards: after KL shaping,
-    which GRPO does not do (the KL is a term of the loss), so it equals the score. returns: what
+    score: the rubric reward of each scored completion. rewards: `shaped`, the reward the advantages
+    were computed from: the score plus grpo.overlong_penalty's term (the KL is a term of the loss in
+    GRPO, not reward shaping, so without that penalty rewards equal the score). returns: what
     the update used as each token's return: the completion's advantage on every one of its tokens
     (an outcome reward, undiscounted), so these statistics are token-weighted. kl / kl_coeff: the
     mean k3 KL to the reference and its weight beta.
     """
     scored = rewards[valid] if valid.any() else np.zeros(1, dtype=np.float32)
+    after = shaped[valid] if valid.any() else np.zeros(1, dtype=np.float32)
     per_token = np.repeat(advantages[valid], lengths[valid]) if valid.any() else np.zeros(0)
     per_token = per_token if per_token.size else np.zeros(1, dtype=np.float32)
     record = {}
-    for name in ("score", "rewards"):
-        record.update({f"critic/{name}/mean": float(scored.mean()), f"critic/{name}/max": float(scored.max()),
-                       f"critic/{name}/min": float(scored.min())})
+    for name, values in (("score", scored), ("rewards", after)):
+        record.update({f"critic/{name}/mean": float(values.mean()), f"critic/{name}/max": float(values.max()),
+                       f"critic/{name}/min": float(values.min())})
     record.update({"critic/returns/mean": float(per_token.mean()), "critic/returns/max": float(per_token.max()),
                    "critic/returns/min": float(per_token.min()), "ppo/returns/var": float(per_token.var()),
                    "critic/kl": float(kl), "critic/kl_coeff": beta})

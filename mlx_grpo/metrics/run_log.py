@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_grpo import grpo
 from mlx_grpo.config import Config
 from mlx_grpo.curriculum import difficulty_metrics, level_indices
 from mlx_grpo.distributed import World
@@ -245,6 +246,7 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
                 max_new_tokens: int) -> dict:
     """The step's own metrics (everything that needs no history), named as in the seed references."""
     scored, G = seen.scored, cfg.rollout.group_size
+    overlong = grpo.overlong_penalty(seen.lengths, max_new_tokens, cfg.grpo.overlong_buffer, cfg.grpo.overlong_penalty)
     adv = seen.advantages[scored.valid] if scored.valid.any() else np.zeros(1)
     record = {
         "Train/Loss": stats["loss"],
@@ -270,8 +272,11 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
         "critic/advantages/mean": float(adv.mean()),
         "critic/advantages/max": float(adv.max()),
         "critic/advantages/min": float(adv.min()),
-        **critic_metrics(scored.rewards, scored.valid, seen.advantages, seen.lengths, cfg.grpo.beta, stats["kl"]),
+        **critic_metrics(scored.rewards, scored.rewards + overlong, scored.valid, seen.advantages, seen.lengths,
+                         cfg.grpo.beta, stats["kl"]),
     }
+    if cfg.grpo.overlong_penalty > 0:
+        record["rewards/overlong_penalty_mean"] = float(overlong[scored.valid].mean()) if scored.valid.any() else 0.0
     if "entropy" in stats:  # measured by the update's forward pass; a skipped update has none
         record["actor/entropy_loss"] = stats["entropy"]
     if "ref_logprobs" in stats:  # grpo.beta > 0: the sampled tokens' log-probs under the reference
