@@ -166,7 +166,7 @@ def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_n
         parts["rewards"].append(scored.rewards)
         parts["valid"].append(scored.valid)
         parts["correct"].append(correct)
-        parts["lengths"].append(np.array([len(c) for c in rollout.completion_tokens]))
+        parts["lengths"].append(np.array(rollout.completion_lengths))
         parts["truncated"].append(np.array(rollout.truncated, dtype=bool))
         for name in columns:
             columns[name].append(scored.criterion_scores.get(name, np.full(len(texts), np.nan, dtype=np.float32)))

@@ -35,8 +35,12 @@ class Rollout:
     loss_mask: list[list[float]] | None = None
 
     @property
+    def completion_lengths(self) -> list[int]:
+        return [len(c) for c in self.completion_tokens]
+
+    @property
     def num_generated_tokens(self) -> int:
-        return sum(len(c) for c in self.completion_tokens)
+        return sum(self.completion_lengths)
 
     @property
     def tokens_per_sec(self) -> float:
@@ -168,7 +172,7 @@ def to_train_batch(rollout: Rollout, mask_truncated: bool = False, pad_to: int =
 
     pad_to: round both lengths up to a multiple of it, so a compiled step sees few shapes.
     """
-    completion_len = _round_up(max(1, max(len(c) for c in rollout.completion_tokens)), pad_to)
+    completion_len = _round_up(max(1, max(rollout.completion_lengths)), pad_to)
     total_len = _round_up(max(len(p) + len(c) for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens)), pad_to)
     tokens, mask = [], []
     sampled = rollout.loss_mask or [[1.0] * len(c) for c in rollout.completion_tokens]

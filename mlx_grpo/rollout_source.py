@@ -40,10 +40,6 @@ class ScoredRollout:
         """Seconds from submission until the scores were ready (call after the result)."""
         return (self.scored_at[0] if self.scored_at else time.perf_counter()) - self.score_start
 
-    @property
-    def rollout_lengths(self) -> list[int]:
-        return [len(c) for c in self.rollout.completion_tokens]
-
     def sampled_logprobs(self, width: int) -> mx.array:
         """(N, width) log-probs recorded while sampling, right-padded with 0 like the train batch's mask."""
         return mx.array([lp + [0.0] * (width - len(lp)) for lp in self.rollout.logprobs], dtype=mx.float32)

@@ -126,7 +126,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
                 old_logprobs, ref_logprobs = policy.frozen_logprobs(batch, sampled)
-                entropy_dumps.dump_if_due(step, policy, batch, current.rollout_lengths)  # logging.entropy_dump_every
+                entropy_dumps.dump_if_due(step, policy, batch, current.rollout.completion_lengths)  # logging.entropy_dump_every
             timer.peak("logprobs")
             with timer.time("reward_wait"):
                 scored = current.scoring.result()
@@ -137,7 +137,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # grpo.overlong_penalty: DAPO's soft punishment of completions near max_new_tokens.
             with timer.time("adv"):
                 rewards = sgrpo.decaying_rewards(logger.correct(scored), G) if cfg.grpo.sgrpo else scored.rewards
-                rewards = rewards + grpo.overlong_penalty(current.rollout_lengths, current.rollout.max_new_tokens,
+                rewards = rewards + grpo.overlong_penalty(current.rollout.completion_lengths, current.rollout.max_new_tokens,
                                                           cfg.grpo.overlong_buffer, cfg.grpo.overlong_penalty)
                 advantages = grpo.group_advantages(mx.array(rewards), G, valid=mx.array(scored.valid),
                                                    scale="none" if cfg.grpo.sgrpo else cfg.grpo.scale_rewards)

@@ -25,7 +25,7 @@ from mlx_grpo.curriculum import difficulty_metrics, level_indices
 from mlx_grpo.distributed import World
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
-from mlx_grpo.metrics.record import (alias_metrics, correct_mask, correctness_criterion, critic_metrics,
+from mlx_grpo.metrics.record import (alias_metrics, correctness_criterion, critic_metrics,
                                      criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
                                      timing_per_token)
 from mlx_grpo.metrics.system import SystemSampler
@@ -146,7 +146,7 @@ class RunLogger:
         return seen
 
     def correct(self, scored: RewardBatch) -> np.ndarray:
-        return correct_mask(scored, self.tracker.correct_criterion, self.tracker.correct_threshold)
+        return self.tracker.correct(scored)
 
     def log_step(self, out: StepOutcome, seen: "StepView", last: bool, extra: dict | None = None) -> dict:
         """The step's record, logged to every sink; its completions written to the run directory.
@@ -303,7 +303,7 @@ def gather_step(world: World, scored: RewardBatch, rollout: Rollout, prompts: li
     difficulty level index of each prompt's sample, one per completion."""
     names = sorted(scored.criterion_scores)
     columns = world.gather(np.stack([scored.rewards, scored.valid, *(scored.criterion_scores[n] for n in names),
-                                     [len(c) for c in rollout.completion_tokens], rollout.truncated,
+                                     rollout.completion_lengths, rollout.truncated,
                                      advantages, levels], axis=1).astype(np.float32))
     rewards, valid, *criteria, lengths, truncated, adv, level = columns.T
     gathered = RewardBatch(rewards=rewards, criterion_scores=dict(zip(names, criteria)), valid=valid.astype(bool),

@@ -132,7 +132,7 @@ class MetricsTracker:
         self.cumulative_reward += float(rewards.sum())
         extra["train/cumulative_reward"] = self.cumulative_reward
 
-        correct = correct_mask(scored, self.correct_criterion, self.correct_threshold)
+        correct = self.correct(scored)
         extra.update(pass_rates(correct, valid, self.group_size))
         extra.update(correctness_metrics(correct[valid], truncated[valid], lengths[valid]))
 
@@ -141,6 +141,10 @@ class MetricsTracker:
         if epoch:
             extra.update(epoch)
         return extra
+
+    def correct(self, scored) -> np.ndarray:
+        """Which completions of a RewardBatch are correct, by the run's pass@1 rule."""
+        return correct_mask(scored, self.correct_criterion, self.correct_threshold)
 
     def _reward_tags(self, step: int, columns: dict[str, np.ndarray], rewards: np.ndarray) -> dict:
         tags: dict = {}
