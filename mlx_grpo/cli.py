@@ -92,9 +92,10 @@ def validate_inputs(cfg: Config):
     from mlx_grpo.models import validate_generation_length, validate_model_path
     from mlx_grpo.rewards import load_rubric
 
-    rubric = load_rubric(cfg.rubric)
+    load_rubric(cfg.rubric)  # the rubric's own mistakes first, before the dataset's
     items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
                          on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
+    rubric = load_rubric(cfg.rubric, sample=items[0] if items else None)  # dry-calls the Python checks
     validate_model_path(cfg.model.path)
     validate_generation_length(cfg.model.path, cfg.rollout.max_new_tokens)
     names = [c.name for c in rubric.criteria]
@@ -242,12 +243,13 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
             try:
                 # The trainer writes its own notices (rubric reloads, health) to the logs: console only here.
                 state = train(cfg, model, tokenizer, Prompts(items, eval_items), scorer, RunIO(
-                    run_dir, hub, progress=progress_display(bar, cfg, console), watcher=RubricWatcher(rubric),
+                    run_dir, hub, progress=progress_display(bar, cfg, console), watcher=RubricWatcher(rubric, items[0] if items else None),
                     resume=checkpoint, should_stop=stop,
                     notify=lambda text: console.print(text, soft_wrap=True, markup=False)), world)
-            except (TeacherUnavailable, TrainingDiverged) as err:
-                # Adapters of the completed steps are saved by train(); say where and stop.
-                what = "teacher" if isinstance(err, TeacherUnavailable) else "training"
+            except (TeacherUnavailable, TrainingDiverged, UserInputError) as err:
+                # Adapters of the completed steps are saved by train(); say where and stop. A
+                # UserInputError here is a check failing mid-run (a Python check that raised).
+                what = {TeacherUnavailable: "teacher", TrainingDiverged: "training"}.get(type(err), "rubric")
                 print(f"error: {what}: {err}. Adapters so far: {run_dir / 'adapters.safetensors'}; resume with: "
                       f"uv run train --resume {run_dir}", file=sys.stderr)
                 return 1

@@ -163,10 +163,10 @@ def run_check(args, console) -> int:
 def run_score(args, console) -> int:
     from mlx_grpo.rewards import Scorer, load_rubric
 
-    rubric = load_rubric(args.rubric)
+    samples, completions = read_samples(args)
+    rubric = load_rubric(args.rubric, sample=samples[0] if samples else None)
     if args.offline:
         rubric = checks_only(rubric)
-    samples, completions = read_samples(args)
     scorer = Scorer(rubric, cache_path=args.cache, warn=lambda text: console.print(f"teacher: {text}", markup=False))
     try:
         scorer.preflight()

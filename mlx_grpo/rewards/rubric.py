@@ -6,7 +6,7 @@
     criteria:
       - name: Answer
         weight: 0.8
-        check: number_check    # a name in CHECKS ...
+        check: number_check    # a name in CHECKS, or file.py:function / module:function (user_checks.py) ...
         params: {abs_tol: 0}   # ... with optional keyword arguments for it
       - name: Style
         weight: 0.2
@@ -26,6 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -33,6 +34,7 @@ from mlx_grpo.errors import UserInputError
 from mlx_grpo.rewards.checks import CHECKS
 from mlx_grpo.rewards.interpolate import interpolate
 from mlx_grpo.rewards.teacher_config import TeacherConfig, parse_teacher
+from mlx_grpo.rewards.user_checks import call_user_check, dry_completion, is_user_check, load_user_check
 
 TOP_KEYS = ("name", "criteria", "teacher", "correct")
 CRITERION_KEYS = ("name", "weight", "check", "params", "judge", "scale")
@@ -42,10 +44,12 @@ CRITERION_KEYS = ("name", "weight", "check", "params", "judge", "scale")
 class Criterion:
     name: str
     weight: float
-    check: str | None = None  # a key of CHECKS, or None for a judge criterion
+    check: str | None = None  # a key of CHECKS, file.py:function or module:function; None for a judge criterion
     params: dict = field(default_factory=dict)  # keyword arguments for the check
     judge: str | None = None  # the teacher's instructions for this criterion
     scale: tuple[float, float] = (0.0, 10.0)  # the judge's score range, mapped to [0, 1]
+    function: Callable | None = None  # a Python check of the user's own (check: file.py:function)
+    source: str | None = None  # the file that function came from, watched for hot reload
 
 
 @dataclass
@@ -56,14 +60,16 @@ class Rubric:
     version: str  # short sha256 of the file's bytes, so logs say exactly which rubric scored
     teacher_config: TeacherConfig | None = None  # who scores the judge criteria
     correct: str = ""  # the criterion whose full score means a correct answer; "" = the total reward
+    sources: tuple[str, ...] = ()  # the Python check files it uses, watched with it
 
     @property
     def total_weight(self) -> float:
         return sum(c.weight for c in self.criteria)
 
 
-def load_rubric(path: str | os.PathLike) -> Rubric:
-    """Read, interpolate `${VAR}` / `${VAR:-default}` in string values, and validate a rubric."""
+def load_rubric(path: str | os.PathLike, sample: dict | None = None) -> Rubric:
+    """Read, interpolate `${VAR}` / `${VAR:-default}` in string values, and validate a rubric.
+    sample: a dataset sample for one dry call of each Python check, so a broken one fails here."""
     where = str(path)
     raw = _read(Path(path), where)
     data = _parse(raw, where)
@@ -96,9 +102,18 @@ def load_rubric(path: str | os.PathLike) -> Rubric:
         raise UserInputError(f"{where}: correct: {correct!r} is not a criterion{_hint(str(correct), names)} "
                              f"(criteria: {', '.join(names)})")
 
-    version = hashlib.sha256(raw).hexdigest()[:12]
-    return Rubric(name=name.strip(), criteria=criteria, path=where, version=version,
-                  teacher_config=teacher_config, correct=correct or "")
+    if sample is not None:
+        for i, c in enumerate(criteria):
+            if c.function is not None:
+                call_user_check(c.function, dry_completion(sample), sample, c.params,
+                                f"{where}: criteria[{i}] ({c.name}): check {c.check}: a dry call on a dataset sample")
+    sources = tuple(dict.fromkeys(c.source for c in criteria if c.source))
+    # The version covers the check files too: editing one is a new rubric.
+    digest = hashlib.sha256(raw)
+    for source in sources:
+        digest.update(Path(source).read_bytes())
+    return Rubric(name=name.strip(), criteria=criteria, path=where, version=digest.hexdigest()[:12],
+                  teacher_config=teacher_config, correct=correct or "", sources=sources)
 
 
 def check_params(check: str) -> dict:
@@ -146,7 +161,7 @@ def _criteria(data: dict, where: str) -> list[Criterion]:
     criteria: list[Criterion] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
-        criterion = _criterion(item, f"{where}: criteria[{i}]")
+        criterion = _criterion(item, f"{where}: criteria[{i}]", Path(where).parent)
         if criterion.name in seen:
             raise UserInputError(f"{where}: criteria[{i}] ({criterion.name}): name is already used by "
                                  f"criteria[{seen[criterion.name]}]; names must be unique")
@@ -155,7 +170,7 @@ def _criteria(data: dict, where: str) -> list[Criterion]:
     return criteria
 
 
-def _criterion(item, at: str) -> Criterion:
+def _criterion(item, at: str, rubric_dir: Path) -> Criterion:
     if not isinstance(item, dict):
         raise UserInputError(f"{at}: must be a mapping with name, weight and check or judge, got {_kind(item)}")
     name = _expand(item.get("name"), at, "name")
@@ -186,9 +201,16 @@ def _criterion(item, at: str) -> Criterion:
         return Criterion(name=name, weight=weight, judge=judge.strip(), scale=_scale(item.get("scale"), at))
     if "scale" in item:
         raise UserInputError(f"{at}: scale: only judge criteria have a scale")
+    if is_user_check(check):
+        params = item.get("params") or {}
+        if not isinstance(params, dict):
+            raise UserInputError(f"{at}: params must be a mapping (key: value), got {_kind(params)}")
+        function, source = load_user_check(check, rubric_dir, params, at)
+        return Criterion(name=name, weight=weight, check=check.strip(), params=params, function=function,
+                         source=str(source) if source else None)
     if not isinstance(check, str) or check not in CHECKS:
         raise UserInputError(f"{at}: check: unknown check {check!r}{_hint(str(check), CHECKS)} "
-                             f"(valid: {', '.join(sorted(CHECKS))})")
+                             f"(valid: {', '.join(sorted(CHECKS))}, or file.py:function for one of your own)")
     return Criterion(name=name, weight=weight, check=check, params=_params(item.get("params"), check, at))
 
 
@@ -292,16 +314,21 @@ class RubricWatcher:
     which leaves the current rubric in force, and (None, None) when nothing changed.
     """
 
-    def __init__(self, rubric: Rubric):
+    def __init__(self, rubric: Rubric, sample: dict | None = None):
         self.rubric = rubric
+        self.sample = sample  # a dataset sample for the dry call of Python checks
         self._stamp = self._file_stamp()
 
     def _file_stamp(self):
-        try:
-            stat = os.stat(self.rubric.path)
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
+        stamps = []
+        for path in (self.rubric.path, *self.rubric.sources):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+        return stamps
 
     def poll(self) -> tuple[Rubric | None, str | None]:
         stamp = self._file_stamp()
@@ -309,10 +336,11 @@ class RubricWatcher:
             return None, None
         self._stamp = stamp
         try:
-            new = load_rubric(self.rubric.path)
+            new = load_rubric(self.rubric.path, self.sample)
         except UserInputError as err:
             return None, f"rubric edit ignored, still using version {self.rubric.version}: {err}"
         if new.version == self.rubric.version:
             return None, None
         self.rubric = new
+        self._stamp = self._file_stamp()  # the new rubric may use other check files
         return new, None

@@ -11,6 +11,7 @@ advantage and is left out of every reward statistic. It is never scored 0.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 from collections import deque
@@ -26,6 +27,7 @@ from mlx_grpo.rewards.cache import ScoreCache
 from mlx_grpo.rewards.checks import CHECKS
 from mlx_grpo.rewards.rubric import Criterion, Rubric
 from mlx_grpo.rewards.teacher import Teacher, TeacherUsage
+from mlx_grpo.rewards.user_checks import call_user_check, call_user_check_async
 
 
 @dataclass
@@ -40,14 +42,39 @@ class TeacherUnavailable(RuntimeError):
     """Too many teacher scores failed recently; the message says what the last failure was."""
 
 
-def run_check(rubric: Rubric, criterion: Criterion, sample: dict, completion: str) -> float:
+def run_check(rubric: Rubric, criterion: Criterion, sample: dict, completion: str) -> float | None:
     """One check on one completion, clipped to [0, 1] (NaN counts as 0): a score outside the range
-    is a bug in the check and must not skew the reward. A UserInputError names rubric and criterion."""
+    is a bug in the check and must not skew the reward. A UserInputError names rubric and criterion.
+    A Python check of the user's own may return None (mask the completion); out of range it raises."""
+    if criterion.function is not None:
+        return call_user_check(criterion.function, completion, sample, criterion.params, _where(rubric, criterion))
     try:
         value = float(CHECKS[criterion.check](completion, sample, **criterion.params))
     except UserInputError as err:
         raise UserInputError(f"{rubric.path}: {criterion.name}: {err}") from None
     return 0.0 if value != value else min(1.0, max(0.0, value))
+
+
+def _where(rubric: Rubric, criterion: Criterion) -> str:
+    return f"{rubric.path}: {criterion.name}: check {criterion.check}"
+
+
+def _check_job(loop, pool, rubric: Rubric, criterion: Criterion, sample: dict, completion: str):
+    """An awaitable score: an async Python check runs on the loop itself, everything else in the pool."""
+    if criterion.function is not None and inspect.iscoroutinefunction(criterion.function):
+        return call_user_check_async(criterion.function, completion, sample, criterion.params,
+                                     _where(rubric, criterion))
+    return loop.run_in_executor(pool, run_check, rubric, criterion, sample, completion)
+
+
+def _check_columns(checks: list[Criterion], values: list, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-criterion score columns (NaN where a check returned None) and the rows no check masked."""
+    scores, valid = {}, np.ones(n, dtype=bool)
+    for k, c in enumerate(checks):
+        column = values[k * n:(k + 1) * n]
+        valid &= np.array([v is not None for v in column], dtype=bool)
+        scores[c.name] = np.array([np.nan if v is None else v for v in column], dtype=np.float64)
+    return scores, valid
 
 
 def combine(rubric: Rubric, scores: dict[str, np.ndarray], valid: np.ndarray,
@@ -70,9 +97,8 @@ def score_completions(rubric: Rubric, samples: list[dict], completions: list[str
     judged = [c.name for c in rubric.criteria if c.check is None]
     if judged:
         raise ValueError(f"criterion {judged[0]!r} needs the teacher; score with a Scorer")
-    scores = {c.name: np.array([run_check(rubric, c, s, t) for s, t in zip(samples, completions)], dtype=np.float64)
-              for c in rubric.criteria}
-    return combine(rubric, scores, np.ones(len(completions), dtype=bool))
+    values = [run_check(rubric, c, s, t) for c in rubric.criteria for s, t in zip(samples, completions)]
+    return combine(rubric, *_check_columns(rubric.criteria, values, len(completions)))
 
 
 def contiguous_groups(n: int, group_size: int) -> list[list[int]]:
@@ -147,8 +173,7 @@ class Scorer:
         loop = asyncio.get_running_loop()
         n = len(completions)
         checks = [c for c in rubric.criteria if c.check is not None]
-        check_jobs = [loop.run_in_executor(self._pool, run_check, rubric, c, s, t)
-                      for c in checks for s, t in zip(samples, completions)]
+        check_jobs = [_check_job(loop, self._pool, rubric, c, s, t) for c in checks for s, t in zip(samples, completions)]
         judge_jobs = []
         if teacher is not None:
             for rows in groups:
@@ -157,8 +182,8 @@ class Scorer:
                                                       [completions[i] for i in rows]))
         check_values, judged = await asyncio.gather(asyncio.gather(*check_jobs), asyncio.gather(*judge_jobs))
 
-        scores = {c.name: np.asarray(check_values[k * n:(k + 1) * n], dtype=np.float64) for k, c in enumerate(checks)}
-        valid = np.ones(n, dtype=bool)
+        scores, valid = _check_columns(checks, check_values, n)
+        failed = np.zeros(n, dtype=bool)  # the teacher's failures, which _recent counts (not a check's None)
         reasons: dict[str, list[str]] = {}
         for c in rubric.criteria:
             if c.judge is not None:
@@ -167,14 +192,14 @@ class Scorer:
         for rows, results in zip(groups, judged):
             for i, result in zip(rows, results):
                 if result is None or any(c.name not in result for c in rubric.criteria if c.judge is not None):
-                    valid[i] = False
+                    valid[i], failed[i] = False, True
                     continue
                 for name, (value, why) in result.items():
                     if name in reasons:
                         scores[name][i] = value
                         reasons[name][i] = why
         if teacher is not None:
-            self._recent.extend(bool(not v) for v in valid)
+            self._recent.extend(bool(f) for f in failed)
         return combine(rubric, scores, valid, reasons)
 
     # -- accounting and stopping ---------------------------------------------------------------
