@@ -99,6 +99,12 @@ class GRPOConfig:
                          ("grpo", "bnpo", "dapo", "dr_grpo"))
     scale_rewards: str = opt("group", "Divide advantages by the group std, the batch std, or not at all (Dr. GRPO).",
                              ("group", "batch", "none"))
+    importance_sampling_level: str = opt("token", "token: a ratio per token (GRPO). sequence: GSPO, one length-normalised "
+                                                  "ratio per completion, clipped as a whole; steadier when the ratios are "
+                                                  "noisy (mu > 1, pipeline, MoE). GSPO's paper clips at epsilon 3e-4 and "
+                                                  "epsilon_high 4e-4.", ("token", "sequence"))
+    top_entropy_quantile: float = opt(1.0, "Only the tokens whose entropy is in this top fraction of the micro-batch "
+                                           "carry policy loss (0.2 = the 20% most uncertain 'forking' tokens); 1 = all.")
     num_iterations: int = opt(1, "Optimisation passes (mu) over each generated batch.")
     mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
     overlong_penalty: float = opt(0.0, "DAPO's soft overlong punishment (0 = off): a reward term that is 0 up to "
@@ -328,6 +334,10 @@ def validate(cfg: Config) -> None:
     require(cfg.grpo.beta >= 0, "grpo.beta", "must be >= 0")
     require(cfg.grpo.epsilon > 0, "grpo.epsilon", "must be positive")
     require(cfg.grpo.epsilon_high > 0, "grpo.epsilon_high", "must be positive")
+    require(cfg.grpo.importance_sampling_level == "token" or cfg.grpo.loss_type != "dr_grpo",
+            "grpo.importance_sampling_level", "sequence (GSPO) is length-normalised and does not go with "
+            "loss_type dr_grpo; use grpo, bnpo or dapo")
+    require(0 < cfg.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile", "must be in (0, 1]")
     require(cfg.grpo.num_iterations >= 1, "grpo.num_iterations", "must be at least 1")
     require(cfg.grpo.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be at least 1")
     require(cfg.optim.learning_rate > 0, "optim.learning_rate", "must be positive")

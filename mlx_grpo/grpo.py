@@ -22,6 +22,10 @@ import numpy as np
 from mlx_grpo.forward import shared_prompt_hidden
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# GSPO's ratio is length-normalised by construction; Dr. GRPO's constant denominator exists to undo
+# a length normalisation, so the two contradict each other.
+SEQUENCE_LEVEL_LOSS_TYPES = ("grpo", "bnpo", "dapo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
 
@@ -267,6 +271,20 @@ def loss_denominator(mask: mx.array, loss_type: str) -> float:
     return float(mask.shape[0])  # dr_grpo: rows times a constant max_len
 
 
+def sequence_log_ratio(log_ratio: mx.array, mask: mx.array) -> mx.array:
+    """GSPO's (N, 1) log importance ratio: the mean token log-ratio of each sequence,
+    log s_i = (1 / |y_i|) sum_t (log pi(y_t) - log pi_old(y_t)); 0 for an empty row."""
+    counts = mask.sum(axis=1, keepdims=True)
+    return (log_ratio * mask).sum(axis=1, keepdims=True) / mx.maximum(counts, 1)
+
+
+def top_entropy_mask(entropy: mx.array, mask: mx.array, quantile: float) -> mx.array:
+    """float (N, C): 1 on the real tokens whose entropy is in the top `quantile` fraction of the
+    batch's real tokens (at or above the (1 - quantile) quantile), 0 elsewhere."""
+    threshold = masked_quantile(entropy, mask, 1.0 - quantile)
+    return ((entropy >= threshold) & (mask > 0)).astype(mx.float32)
+
+
 def grpo_loss(
     logprobs: mx.array,
     old_logprobs: mx.array,
@@ -279,6 +297,8 @@ def grpo_loss(
     epsilon_high: float | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    importance_sampling_level: str = "token",
+    policy_mask: mx.array | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Clipped-surrogate GRPO loss (a scalar to minimise) and a dict of scalar statistics.
 
@@ -287,9 +307,18 @@ def grpo_loss(
     Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3.
     Aggregation (loss_type): "grpo" mean per sequence then over non-empty sequences; "bnpo" /
     "dapo" sum / number of tokens; "dr_grpo" sum / (N * max_completion_length), which defaults to C.
+    importance_sampling_level "sequence" is GSPO: every token of sequence i uses the one ratio
+    s_i = exp(mean_t(logp - old_logp)), clipped as a whole; with loss_type "grpo" the loss is then
+    the paper's -1/G sum_i min(s_i A_i, clip(s_i) A_i).
+    policy_mask: optional (N, C) 0/1; only its tokens carry policy loss (top_entropy_mask), while
+    the aggregation still divides by the tokens of `mask` and the KL term covers all of them.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
+    if importance_sampling_level == "sequence" and loss_type not in SEQUENCE_LEVEL_LOSS_TYPES:
+        raise ValueError(f"importance_sampling_level 'sequence' does not go with loss_type {loss_type!r}")
     eps_low = float(epsilon)
     eps_high = eps_low if epsilon_high is None else float(epsilon_high)
     max_len = logprobs.shape[1] if max_completion_length is None else int(max_completion_length)
@@ -305,9 +334,14 @@ def grpo_loss(
         ref = mx.where(on, mx.stop_gradient(ref_logprobs.astype(mx.float32)), 0.0)
     adv = mx.stop_gradient(advantages.astype(mx.float32)).reshape(-1, 1)
 
-    ratio = mx.exp(logprobs - old)
+    log_ratio = logprobs - old
+    if importance_sampling_level == "sequence":
+        log_ratio = mx.broadcast_to(sequence_log_ratio(log_ratio, mask), log_ratio.shape)
+    ratio = mx.exp(log_ratio)
     clipped = mx.clip(ratio, 1 - eps_low, 1 + eps_high)
     objective = mx.minimum(ratio * adv, clipped * adv)
+    if policy_mask is not None:
+        objective = objective * mx.stop_gradient(policy_mask.astype(mx.float32))
     # Every aggregation is linear, so the loss splits into the policy term and the KL term.
     policy_loss = _aggregate(-objective, mask, loss_type, max_len)
     loss = policy_loss
@@ -330,7 +364,7 @@ def grpo_loss(
     low = ((r < 1 - eps_low) & (adv < 0)).astype(mx.float32)
     high = ((r > 1 + eps_high) & (adv > 0)).astype(mx.float32)
 
-    log_ratio = sg(logprobs - old)
+    log_ratio = sg(log_ratio)
     stats = {
         "policy_loss": sg(policy_loss),
         "kl": sg(kl_mean),

@@ -87,9 +87,13 @@ def make_loss_fn(cfg: Config):
         # With one pass (mu = 1) the sampling policy is the current one: ratio == 1, but its
         # gradient is the policy gradient, so the old log-probs are the detached current ones.
         old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
+        forking = None
+        if g.top_entropy_quantile < 1:
+            forking = grpo.top_entropy_mask(mx.stop_gradient(entropy), batch.mask, g.top_entropy_quantile)
         loss, stats = grpo.grpo_loss(logprobs, old, advantages, batch.mask, ref_logprobs=ref_logprobs,
                                      beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
-                                     loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens)
+                                     loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens,
+                                     importance_sampling_level=g.importance_sampling_level, policy_mask=forking)
         stats["entropy"] = grpo.masked_mean(mx.stop_gradient(entropy), batch.mask)
         if ref_logprobs is not None:
             stats["ref_logprobs"] = grpo.masked_mean(mx.stop_gradient(ref_logprobs), batch.mask)
