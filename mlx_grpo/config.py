@@ -105,6 +105,10 @@ class GRPOConfig:
                                                   "epsilon_high 4e-4.", ("token", "sequence"))
     top_entropy_quantile: float = opt(1.0, "Only the tokens whose entropy is in this top fraction of the micro-batch "
                                            "carry policy loss (0.2 = the 20% most uncertain 'forking' tokens); 1 = all.")
+    reward_aggregation: str = opt("sum_then_normalize", "sum_then_normalize: advantages from the weighted reward. "
+                                  "normalize_then_sum (GDPO): each criterion is normalised within its group before the "
+                                  "weighted sum, so a low-spread criterion is not drowned by a high-spread one; "
+                                  "scale_rewards does not apply.", ("sum_then_normalize", "normalize_then_sum"))
     num_iterations: int = opt(1, "Optimisation passes (mu) over each generated batch.")
     mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
     overlong_penalty: float = opt(0.0, "DAPO's soft overlong punishment (0 = off): a reward term that is 0 up to "
@@ -337,6 +341,11 @@ def validate(cfg: Config) -> None:
     require(cfg.grpo.importance_sampling_level == "token" or cfg.grpo.loss_type != "dr_grpo",
             "grpo.importance_sampling_level", "sequence (GSPO) is length-normalised and does not go with "
             "loss_type dr_grpo; use grpo, bnpo or dapo")
+    per_criterion = cfg.grpo.reward_aggregation == "normalize_then_sum"
+    require(not (per_criterion and cfg.grpo.sgrpo), "grpo.reward_aggregation",
+            "normalize_then_sum does not go with grpo.sgrpo, whose rewards come from the exit order, not the criteria")
+    require(not (per_criterion and cfg.grpo.overlong_penalty > 0), "grpo.reward_aggregation",
+            "normalize_then_sum does not go with grpo.overlong_penalty (a reward term outside the rubric's criteria)")
     require(0 < cfg.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile", "must be in (0, 1]")
     require(cfg.grpo.num_iterations >= 1, "grpo.num_iterations", "must be at least 1")
     require(cfg.grpo.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be at least 1")

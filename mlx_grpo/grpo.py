@@ -118,6 +118,28 @@ def group_advantages(
     return adv.reshape(-1)
 
 
+def normalize_then_sum(columns: list, weights: list[float], group_size: int, eps: float = 1e-4,
+                       valid: mx.array | None = None) -> mx.array:
+    """Advantages from per-criterion scores, each normalised within its group before the weighted
+    sum (GDPO; TRL's multi-objective "normalize_then_sum"), shape (N,), float32.
+
+    A_c = (r_c - mean_group) / (std_group + eps) per criterion c; S = sum_c w_c A_c / sum_c w_c;
+    the advantage is S / (std of S over the batch's valid rows + eps). A criterion with a small
+    spread then moves the advantage as much as one with a large spread, in proportion to its
+    weight, instead of being drowned by it. Invalid rows get 0, as in group_advantages.
+    """
+    valid = mx.ones((len(columns[0]),), dtype=mx.bool_) if valid is None else valid
+    summed = mx.zeros((len(columns[0]),), dtype=mx.float32)
+    for column, weight in zip(columns, weights):
+        column = mx.array(np.nan_to_num(np.asarray(column, dtype=np.float32), nan=0.0))
+        summed = summed + float(weight) * group_advantages(column, group_size, "group", eps, valid)
+    summed = summed / float(sum(weights))
+    v = valid.astype(mx.float32)
+    n = mx.maximum(v.sum(), 1)
+    std = mx.sqrt(((summed - (summed * v).sum() / n) ** 2 * v).sum() / n)
+    return summed / (std + eps)
+
+
 def overlong_penalty(lengths, max_new_tokens: int, buffer: int, penalty: float) -> np.ndarray:
     """DAPO's soft overlong punishment, a reward term per completion: 0 up to max_new_tokens - buffer
     tokens, then falling linearly to -penalty at max_new_tokens (a completion cut there)."""

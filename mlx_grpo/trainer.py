@@ -139,8 +139,13 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 rewards = sgrpo.decaying_rewards(logger.correct(scored), G) if cfg.grpo.sgrpo else scored.rewards
                 rewards = rewards + grpo.overlong_penalty(current.rollout.completion_lengths, current.rollout.max_new_tokens,
                                                           cfg.grpo.overlong_buffer, cfg.grpo.overlong_penalty)
-                advantages = grpo.group_advantages(mx.array(rewards), G, valid=mx.array(scored.valid),
-                                                   scale="none" if cfg.grpo.sgrpo else cfg.grpo.scale_rewards)
+                if cfg.grpo.reward_aggregation == "normalize_then_sum":  # each criterion normalised, then summed
+                    advantages = grpo.normalize_then_sum(list(scored.criterion_scores.values()),
+                                                         [scored.weights[c] for c in scored.criterion_scores], G,
+                                                         valid=mx.array(scored.valid))
+                else:
+                    advantages = grpo.group_advantages(mx.array(rewards), G, valid=mx.array(scored.valid),
+                                                       scale="none" if cfg.grpo.sgrpo else cfg.grpo.scale_rewards)
                 batch = batch if scored.valid.all() else batch.keep_rows(scored.valid)
                 # Ranks agree: any signal anywhere means every rank joins the update.
                 has_signal = world.any((cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item())

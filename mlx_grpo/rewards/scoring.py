@@ -36,6 +36,7 @@ class RewardBatch:
     criterion_scores: dict[str, np.ndarray]  # criterion name -> float32 (N,) in [0, 1]; NaN where unscored
     valid: np.ndarray  # bool (N,): False where a teacher score could not be had
     justifications: dict[str, list[str]] = field(default_factory=dict)  # judge criterion -> teacher's reasons
+    weights: dict[str, float] = field(default_factory=dict)  # criterion name -> its weight in the rubric that scored
 
 
 class TeacherUnavailable(RuntimeError):
@@ -87,7 +88,7 @@ def combine(rubric: Rubric, scores: dict[str, np.ndarray], valid: np.ndarray,
     rewards = np.where(valid, weighted / rubric.total_weight, np.nan).astype(np.float32)
     columns = {name: column.astype(np.float32) for name, column in scores.items()}
     return RewardBatch(rewards=rewards, criterion_scores=columns, valid=valid.astype(bool),
-                       justifications=justifications or {})
+                       justifications=justifications or {}, weights={c.name: c.weight for c in rubric.criteria})
 
 
 def score_completions(rubric: Rubric, samples: list[dict], completions: list[str]) -> RewardBatch:
