@@ -109,6 +109,10 @@ class GRPOConfig:
                                   "normalize_then_sum (GDPO): each criterion is normalised within its group before the "
                                   "weighted sum, so a low-spread criterion is not drowned by a high-spread one; "
                                   "scale_rewards does not apply.", ("sum_then_normalize", "normalize_then_sum"))
+    tis_cap: float = opt(0.0, "rollout.pipeline off-policy correction (0 = off): a batch sampled by the previous "
+                              "weights is clipped against the current ones, each token weighted by the truncated "
+                              "importance ratio min(pi_current / pi_sampled, tis_cap); 2 is a common cap. Off, the "
+                              "clip is taken against the sampling policy itself.")
     num_iterations: int = opt(1, "Optimisation passes (mu) over each generated batch.")
     mask_truncated: bool = opt(False, "Exclude completions that hit max_new_tokens from the loss.")
     overlong_penalty: float = opt(0.0, "DAPO's soft overlong punishment (0 = off): a reward term that is 0 up to "
@@ -346,6 +350,7 @@ def validate(cfg: Config) -> None:
             "normalize_then_sum does not go with grpo.sgrpo, whose rewards come from the exit order, not the criteria")
     require(not (per_criterion and cfg.grpo.overlong_penalty > 0), "grpo.reward_aggregation",
             "normalize_then_sum does not go with grpo.overlong_penalty (a reward term outside the rubric's criteria)")
+    require(cfg.grpo.tis_cap == 0 or cfg.grpo.tis_cap >= 1, "grpo.tis_cap", "must be 0 (off) or at least 1")
     require(0 < cfg.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile", "must be in (0, 1]")
     require(cfg.grpo.num_iterations >= 1, "grpo.num_iterations", "must be at least 1")
     require(cfg.grpo.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be at least 1")

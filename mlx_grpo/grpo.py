@@ -307,6 +307,23 @@ def top_entropy_mask(entropy: mx.array, mask: mx.array, quantile: float) -> mx.a
     return ((entropy >= threshold) & (mask > 0)).astype(mx.float32)
 
 
+def truncated_importance_weights(old_logprobs: mx.array, sampled_logprobs: mx.array, mask: mx.array,
+                                 cap: float) -> tuple[mx.array, dict[str, mx.array]]:
+    """Truncated importance sampling for samples drawn by other weights than the ones about to be
+    updated: per token w = min(pi_old / pi_sampled, cap) = min(exp(old - sampled), cap), 0 on padding.
+
+    The clipped surrogate then compares the new policy with pi_old (the weights at the start of
+    this update), and w corrects for pi_old not being the policy that drew the tokens. Returns the
+    (N, C) weights and their statistics over the real tokens: mean, max and the clipped fraction.
+    """
+    on = mask > 0
+    raw = mx.exp(mx.where(on, old_logprobs.astype(mx.float32) - sampled_logprobs.astype(mx.float32), 0.0))
+    weights = mx.where(on, mx.minimum(raw, cap), 0.0)
+    stats = {"tis_mean": masked_mean(weights, mask), "tis_max": weights.max(),
+             "tis_clipped_frac": masked_mean((raw > cap).astype(mx.float32), mask)}
+    return mx.stop_gradient(weights), stats
+
+
 def grpo_loss(
     logprobs: mx.array,
     old_logprobs: mx.array,
@@ -324,6 +341,9 @@ def grpo_loss(
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Clipped-surrogate GRPO loss (a scalar to minimise) and a dict of scalar statistics.
 
+    advantages: (N,), or (N, C) when each token has its own (a non-negative per-token weight w
+    folds in exactly: w * min(r A, clip(r) A) = min(r wA, clip(r) wA), which is how
+    truncated_importance_weights are applied).
     ratio = exp(logp - old_logp) is taken against the policy that *generated* the samples; the
     reference only enters through the k3 KL penalty (when beta > 0 and ref_logprobs is given).
     Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3.
@@ -354,7 +374,8 @@ def grpo_loss(
     ref = None
     if ref_logprobs is not None:
         ref = mx.where(on, mx.stop_gradient(ref_logprobs.astype(mx.float32)), 0.0)
-    adv = mx.stop_gradient(advantages.astype(mx.float32)).reshape(-1, 1)
+    adv = mx.stop_gradient(advantages.astype(mx.float32))
+    adv = adv if adv.ndim == 2 else adv.reshape(-1, 1)  # (N,) per completion, or (N, C) per token
 
     log_ratio = logprobs - old
     if importance_sampling_level == "sequence":

@@ -8,6 +8,7 @@ old-policy and reference log-probs); `Policy.update` takes the clipped-surrogate
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -135,25 +136,40 @@ def micro_batches(cfg: Config, batch: TrainBatch) -> list[tuple[int, int]]:
     return [(i, i + size) for i in range(0, batch.tokens.shape[0], size)]
 
 
-def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params, sampled=None) -> tuple[list, list]:
-    """Old-policy and reference log-probs per micro-batch, fixed before the update starts.
+@dataclass
+class OffPolicyWeights:
+    """grpo.tis_cap: (N, C) truncated importance weights for a batch that older weights sampled."""
+    weights: mx.array
+    stats: dict[str, float]
+
+
+def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params,
+                    sampled=None) -> tuple[list, list, OffPolicyWeights | None]:
+    """Old-policy and reference log-probs per micro-batch, fixed before the update starts, and
+    the off-policy weights of a late batch when grpo.tis_cap is on (else None).
 
     They depend only on the sampled tokens, so the trainer computes them while the teacher scores.
     sampled: (N, C) log-probs recorded while sampling, for a batch that an earlier policy sampled
-    (rollout.pipeline); they are then the old policy, whatever num_iterations is.
+    (rollout.pipeline); they are then the old policy, whatever num_iterations is, unless
+    grpo.tis_cap is on: the old policy is then the current weights, and the weights correct for them.
     """
     g = cfg.grpo
     ranges = micro_batches(cfg, batch)
     parts = [batch.rows(a, b) for a, b in ranges]
-    if sampled is not None:
+    off_policy = None
+    if sampled is not None and g.tis_cap == 0:
         old = [sampled[a:b] for a, b in ranges]
-    elif g.num_iterations > 1:  # only needed when the weights move between passes
+    elif sampled is not None or g.num_iterations > 1:  # only needed when the weights move between passes
         old = [mx.stop_gradient(batch_logprobs(model, m, cfg)) for m in parts]
     else:
         old = [None] * len(parts)
+    if sampled is not None and g.tis_cap > 0:
+        weights, stats = grpo.truncated_importance_weights(mx.concatenate(old), sampled, batch.mask, g.tis_cap)
+        mx.eval(weights, stats)
+        off_policy = OffPolicyWeights(weights, {key: value.item() for key, value in stats.items()})
     ref = [reference_logprobs(model, m, cfg, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
     mx.eval(old, ref)
-    return old, ref
+    return old, ref, off_policy
 
 
 def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, old, ref,
@@ -216,12 +232,16 @@ class Policy:
         self.optimizer = build_optimizer(cfg)
         self.loss_and_grad = make_grad_fn(model, cfg)
 
-    def frozen_logprobs(self, batch: TrainBatch, sampled=None) -> tuple[list, list]:
+    def frozen_logprobs(self, batch: TrainBatch, sampled=None) -> tuple[list, list, OffPolicyWeights | None]:
         return frozen_logprobs(self.model, self.cfg, batch, self.base_params, sampled)
 
-    def update(self, batch: TrainBatch, advantages, old, ref, local: bool = True) -> dict:
-        return update_policy(self.model, self.optimizer, self.loss_and_grad, self.cfg, batch, advantages, old, ref,
-                             self.world, local)
+    def update(self, batch: TrainBatch, advantages, old, ref, local: bool = True,
+               off_policy: OffPolicyWeights | None = None) -> dict:
+        if off_policy is not None:  # per-token advantages: each token's weight folded in
+            advantages = off_policy.weights * advantages.reshape(-1, 1)
+        stats = update_policy(self.model, self.optimizer, self.loss_and_grad, self.cfg, batch, advantages, old, ref,
+                              self.world, local)
+        return stats if off_policy is None else {**stats, **off_policy.stats}
 
     def token_entropy(self, batch: TrainBatch) -> tuple[mx.array, mx.array]:
         """(N, C) entropy and varentropy of each completion position under the current weights."""

@@ -125,7 +125,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                                    pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
-                old_logprobs, ref_logprobs = policy.frozen_logprobs(batch, sampled)
+                old_logprobs, ref_logprobs, off_policy = policy.frozen_logprobs(batch, sampled)
                 entropy_dumps.dump_if_due(step, policy, batch, current.rollout.completion_lengths)  # logging.entropy_dump_every
             timer.peak("logprobs")
             with timer.time("reward_wait"):
@@ -154,8 +154,8 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # A batch where every group scored alike carries no signal; stepping AdamW on its zero
             # gradient would still move the weights along stale momentum, so skip it.
             with timer.time("update_actor"):
-                stats = policy.update(batch, advantages, old_logprobs, ref_logprobs, local=bool(scored.valid.any())
-                                      ) if has_signal else dict(NO_UPDATE_STATS)
+                stats = policy.update(batch, advantages, old_logprobs, ref_logprobs, local=bool(scored.valid.any()),
+                                      off_policy=off_policy) if has_signal else dict(NO_UPDATE_STATS)
             timer.peak("update")
             state.count_nonfinite(step, stats, cfg.train.max_nonfinite_skips, run.notify)
 

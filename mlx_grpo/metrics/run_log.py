@@ -279,6 +279,9 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
         record["rewards/overlong_penalty_mean"] = float(overlong[scored.valid].mean()) if scored.valid.any() else 0.0
     if "entropy" in stats:  # measured by the update's forward pass; a skipped update has none
         record["actor/entropy_loss"] = stats["entropy"]
+    for key in ("tis_mean", "tis_max", "tis_clipped_frac"):  # grpo.tis_cap on a late (pipelined) batch
+        if key in stats:
+            record[f"actor/{key}"] = stats[key]
     if "ref_logprobs" in stats:  # grpo.beta > 0: the sampled tokens' log-probs under the reference
         record["objective/ref_logprobs"] = stats["ref_logprobs"]
     return record
