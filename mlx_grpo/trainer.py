@@ -106,7 +106,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
     if run.resume is not None:
         checkpointer.restore(run.resume)
     logger.start()
-    G, run_complete = cfg.rollout.group_size, False
+    run_complete = False
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
             timer = logger.start_step()
@@ -134,18 +134,10 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
             # S-GRPO: the group is serial, and its rewards decay with the exit of each correct answer.
-            # grpo.overlong_penalty: DAPO's soft punishment of completions near max_new_tokens.
+            # grpo.overlong_penalty: DAPO's soft punishment of completions near max_new_tokens;
+            # grpo.reward_aggregation: the criteria summed before or after their normalisation.
             with timer.time("adv"):
-                rewards = sgrpo.decaying_rewards(logger.correct(scored), G) if cfg.grpo.sgrpo else scored.rewards
-                rewards = rewards + grpo.overlong_penalty(current.rollout.completion_lengths, current.rollout.max_new_tokens,
-                                                          cfg.grpo.overlong_buffer, cfg.grpo.overlong_penalty)
-                if cfg.grpo.reward_aggregation == "normalize_then_sum":  # each criterion normalised, then summed
-                    advantages = grpo.normalize_then_sum(list(scored.criterion_scores.values()),
-                                                         [scored.weights[c] for c in scored.criterion_scores], G,
-                                                         valid=mx.array(scored.valid))
-                else:
-                    advantages = grpo.group_advantages(mx.array(rewards), G, valid=mx.array(scored.valid),
-                                                       scale="none" if cfg.grpo.sgrpo else cfg.grpo.scale_rewards)
+                advantages = step_advantages(cfg, scored, current.rollout, logger.correct(scored) if cfg.grpo.sgrpo else None)
                 batch = batch if scored.valid.all() else batch.keep_rows(scored.valid)
                 # Ranks agree: any signal anywhere means every rank joins the update.
                 has_signal = world.any((cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item())
@@ -203,6 +195,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     mx.random.seed(seed)
+
+
+def step_advantages(cfg: Config, scored, rollout, correct) -> mx.array:
+    """The step's (N,) advantages from its scores: the weighted reward (plus grpo.overlong_penalty)
+    relative within each group; S-GRPO's exit-order rewards (`correct` given) without the std;
+    or, with grpo.reward_aggregation normalize_then_sum, each criterion normalised before the sum."""
+    G, valid = cfg.rollout.group_size, mx.array(scored.valid)
+    if cfg.grpo.reward_aggregation == "normalize_then_sum":
+        names = list(scored.criterion_scores)
+        return grpo.normalize_then_sum([scored.criterion_scores[n] for n in names], [scored.weights[n] for n in names],
+                                       G, valid=valid)
+    rewards = sgrpo.decaying_rewards(correct, G) if correct is not None else scored.rewards
+    rewards = rewards + grpo.overlong_penalty(rollout.completion_lengths, rollout.max_new_tokens,
+                                              cfg.grpo.overlong_buffer, cfg.grpo.overlong_penalty)
+    return grpo.group_advantages(mx.array(rewards), G, valid=valid,
+                                 scale="none" if correct is not None else cfg.grpo.scale_rewards)
 
 
 def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub, step: int, notify) -> None:
