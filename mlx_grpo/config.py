@@ -85,6 +85,11 @@ class RolloutConfig:
     window_percentile: float = opt(95.0, "Adaptive window: the percentile of the successful lengths the window covers.")
     window_epsilon: float = opt(0.1, "Adaptive window: the chance that a step explores at the full max_new_tokens.")
     window_history: int = opt(256, "Adaptive window: how many of the latest successful lengths it remembers.")
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (no "
+                                        "signal) and draw more prompts until batch_size groups with a spread exist, "
+                                        "or max_resample_batches batches were drawn (then dropped groups fill the rest).")
+    max_resample_batches: int = opt(3, "Dynamic sampling: the most batches of batch_size prompts drawn per step, "
+                                       "the first included.")
     pipeline: bool = opt(False, "Generate the next batch while the teacher scores this one. That batch then trains one "
                                 "update late, with its importance ratio taken against the policy that sampled it. "
                                 "Pays off when teacher latency is a large part of a step.")
@@ -350,6 +355,9 @@ def validate(cfg: Config) -> None:
             "normalize_then_sum does not go with grpo.sgrpo, whose rewards come from the exit order, not the criteria")
     require(not (per_criterion and cfg.grpo.overlong_penalty > 0), "grpo.reward_aggregation",
             "normalize_then_sum does not go with grpo.overlong_penalty (a reward term outside the rubric's criteria)")
+    require(cfg.rollout.max_resample_batches >= 1, "rollout.max_resample_batches", "must be at least 1")
+    require(not (cfg.rollout.dynamic_sampling and cfg.rollout.pipeline), "rollout.dynamic_sampling",
+            "does not go with rollout.pipeline, which must sample the next batch before this one's scores are known")
     require(cfg.grpo.tis_cap == 0 or cfg.grpo.tis_cap >= 1, "grpo.tis_cap", "must be 0 (off) or at least 1")
     require(0 < cfg.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile", "must be in (0, 1]")
     require(cfg.grpo.num_iterations >= 1, "grpo.num_iterations", "must be at least 1")

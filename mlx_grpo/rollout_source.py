@@ -1,5 +1,6 @@
 """Where each step's completions come from: the prompt sampler, this rank's share of the global
-batch, generation, scoring in the background, and (rollout.pipeline) the next batch sampled early.
+batch, generation, scoring in the background, (rollout.pipeline) the next batch sampled early, and
+(rollout.dynamic_sampling) further batches until enough groups have a reward spread.
 """
 
 from __future__ import annotations
@@ -7,16 +8,18 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_grpo.adaptive_window import AdaptiveWindow
 from mlx_grpo.config import Config
 from mlx_grpo.curriculum import Curriculum, difficulty_levels
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.distributed import World
-from mlx_grpo.rewards import Scorer, contiguous_groups
+from mlx_grpo.grpo import zero_std_groups
+from mlx_grpo.rewards import RewardBatch, Scorer, contiguous_groups
 from mlx_grpo.rollout import Rollout, generate_rollout
 from mlx_grpo.sgrpo import serial_group_rollout
 
@@ -34,6 +37,7 @@ class ScoredRollout:
     scored_at: list[float]  # filled in when scoring finishes
     late: bool = False  # sampled before the previous update (rollout.pipeline): train it off-policy
     explored: bool = False  # rollout.adaptive_window: sampled at the full max_new_tokens to explore
+    sampling_record: dict = field(default_factory=dict)  # rollout.dynamic_sampling's dynamic_sampling/* counts
 
     @property
     def scoring_time(self) -> float:
@@ -68,7 +72,7 @@ class RolloutSource:
     def take(self, step: int) -> ScoredRollout:
         """This step's batch: sampled now, or the one prefetched during the previous step."""
         if self.upcoming is None:
-            return self._sample(step, late=False)
+            return self._sample_with_spread(step) if self.cfg.rollout.dynamic_sampling else self._sample(step, late=False)
         current, self.upcoming = self.upcoming, None
         return current
 
@@ -79,13 +83,37 @@ class RolloutSource:
         self.upcoming = self._sample(step + 1, late=True)
         return self.upcoming.rollout.generation_time_s
 
-    def _sample(self, step: int, late: bool) -> ScoredRollout:
+    def _sample_with_spread(self, step: int) -> ScoredRollout:
+        """rollout.dynamic_sampling: draw batches of B prompts, waiting for their scores, until B groups
+        have a reward spread or max_resample_batches were drawn; every rank draws as many batches, so
+        each contributes exactly B groups. Short of B, dropped groups (advantage 0) fill the rest."""
+        B, G, r = self.cfg.rollout.batch_size, self.cfg.rollout.group_size, self.cfg.rollout
+        drawn, kept, dropped = [], [], []  # drawn: (batch, its scores); kept/dropped: (batch index, group)
+        for attempt in range(r.max_resample_batches):
+            batch = self._sample(step, late=False, attempt=attempt)
+            scores = batch.scoring.result()
+            drawn.append((batch, scores))
+            flat = np.array(zero_std_groups(mx.array(np.nan_to_num(scores.rewards)), G, mx.array(scores.valid)))
+            for g, no_spread in enumerate(flat.tolist()):
+                (dropped if no_spread else kept).append((attempt, g))
+            if not self.world.any(len(kept) < B):
+                break
+        chosen = (kept + dropped)[:B]
+        totals = self.world.sum([len(drawn), len(drawn) * B, len(dropped), min(len(kept), B)])
+        merged = _merge_groups(drawn, chosen, G)
+        merged.sampling_record = {"dynamic_sampling/batches_drawn": totals[0] / self.world.size,
+                                  "dynamic_sampling/groups_drawn": totals[1], "dynamic_sampling/groups_dropped": totals[2],
+                                  "dynamic_sampling/groups_with_spread": totals[3]}
+        return merged
+
+    def _sample(self, step: int, late: bool, attempt: int = 0) -> ScoredRollout:
         """Generate G completions per prompt and submit them for scoring (checks in threads, teacher
         requests concurrently). Text is decoded for the rubric only; training uses the sampled ids."""
         samples = self.world.shard(self.sampler.next_batch(self.cfg.rollout.batch_size * self.world.size))
         # Each step's sampling randomness depends only on (seed, step, rank), so a resumed run draws
         # exactly what the uninterrupted run drew.
-        mx.random.seed(self.cfg.train.seed * 1_000_003 + step + self.world.rank * 1_000_000_007)
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + step + self.world.rank * 1_000_000_007
+                       + attempt * 10_000_000_019)  # dynamic sampling's further batches of the step
         r = self.cfg.rollout
         budget, explored = self.window.window_for(step) if self.window else (r.max_new_tokens, False)
         prompts = [build_prompt_tokens(self.tokenizer, s, self.cfg.data.system_prompt or None) for s in samples]
@@ -105,6 +133,7 @@ class RolloutSource:
         record = {}
         if isinstance(self.sampler, Curriculum):
             record.update(self.sampler.observe(seen.levels, seen.correct, seen.scored.valid))
+        record.update(current.sampling_record)
         if self.window is not None:
             record.update(self.window.observe(current.rollout.max_new_tokens, current.explored, seen.lengths,
                                               seen.correct, seen.scored.valid, seen.scored.rewards))
@@ -138,3 +167,39 @@ class RolloutSource:
             up = state["upcoming"]
             self.upcoming = self._submit(up["samples"], up["prompts"], Rollout(**up["rollout"]), late=True,
                                          explored=up.get("explored", False))
+
+
+def _merge_groups(drawn: list, chosen: list[tuple[int, int]], G: int) -> ScoredRollout:
+    """One ScoredRollout of the `chosen` (batch index, group) groups of the drawn batches, in that
+    order, with their scores as an already finished Future. Its times are those of all the batches."""
+    rows = [(a, g * G + k) for a, g in chosen for k in range(G)]
+    first = drawn[0][0]
+
+    def pick(values):  # one per row of each batch
+        return [values(drawn[a][0])[i] for a, i in rows]
+
+    def pick_optional(values):
+        return None if values(first) is None else pick(values)
+
+    rollout = Rollout(prompt_tokens=pick(lambda b: b.rollout.prompt_tokens),
+                      completion_tokens=pick(lambda b: b.rollout.completion_tokens),
+                      finish_reasons=pick(lambda b: b.rollout.finish_reasons),
+                      prefill_time_s=sum(b.rollout.prefill_time_s for b, _ in drawn),
+                      generation_time_s=sum(b.rollout.generation_time_s for b, _ in drawn),
+                      logprobs=pick_optional(lambda b: b.rollout.logprobs), max_new_tokens=first.rollout.max_new_tokens,
+                      loss_mask=pick_optional(lambda b: b.rollout.loss_mask))
+    scores = [s for _, s in drawn]
+    rewards = RewardBatch(
+        rewards=np.array([scores[a].rewards[i] for a, i in rows], dtype=np.float32),
+        criterion_scores={name: np.array([scores[a].criterion_scores[name][i] for a, i in rows], dtype=np.float32)
+                          for name in scores[0].criterion_scores},
+        valid=np.array([scores[a].valid[i] for a, i in rows], dtype=bool),
+        justifications={name: [scores[a].justifications[name][i] for a, i in rows] for name in scores[0].justifications},
+        weights=scores[0].weights)
+    done = Future()
+    done.set_result(rewards)
+    last_scored = max(t for b, _ in drawn for t in b.scored_at) if all(b.scored_at for b, _ in drawn) else first.score_start
+    return ScoredRollout(samples=[drawn[a][0].samples[g] for a, g in chosen],
+                         prompts=[drawn[a][0].prompts[g] for a, g in chosen], rollout=rollout,
+                         texts=pick(lambda b: b.texts), group_samples=pick(lambda b: b.group_samples), scoring=done,
+                         score_start=first.score_start, scored_at=[last_scored], explored=first.explored)

@@ -68,6 +68,11 @@ def per_prompt_rollout(model, prompts, *, group_size, **kwargs) -> Rollout:
 GENERATE = rollout_source.generate_rollout
 
 
+def scripted_score(completion: str, sample: dict) -> float:
+    """byte_score on prompts whose number is divisible by 3; 0.5 (a group with no spread) elsewhere."""
+    return byte_score(completion, sample) if int(sample["prompt"].split()[1].rstrip(":")) % 3 == 0 else 0.5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -76,9 +81,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after", type=int, default=0, help="Rank 0 asks to stop (as Ctrl-C) after N steps.")
     parser.add_argument("--loss-type", default="bnpo")
+    parser.add_argument("--dynamic-sampling", action="store_true",
+                        help="rollout.dynamic_sampling, with prompts not divisible by 3 all scoring 0.5")
     args = parser.parse_args()
 
-    CHECKS["byte_score"] = byte_score
+    CHECKS["byte_score"] = scripted_score if args.dynamic_sampling else byte_score
     rollout_source.generate_rollout = per_prompt_rollout
     world = init_world()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +95,7 @@ def main() -> None:
         "train.steps": args.steps, "rollout.batch_size": args.batch_size, "rollout.group_size": 4,
         "rollout.max_new_tokens": 8, "rollout.temperature": 1.0, "optim.learning_rate": 1e-2,
         "optim.warmup_steps": 0, "train.save_every": 1, "logging.sample_every": 1, "grpo.loss_type": args.loss_type,
-        "lora.rank": 4})
+        "lora.rank": 4, "rollout.dynamic_sampling": args.dynamic_sampling, "rollout.max_resample_batches": 8})
     run_dir = args.out / "run"
     items = [{"prompt": f"Question {i}: what is {i} plus {i % 7}?", "answer": str(i + i % 7)} for i in range(16)]
     if world.is_main:

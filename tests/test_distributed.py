@@ -89,6 +89,17 @@ def test_distributed_run_resumes_exactly(tmp_path):
     assert rewards(tmp_path / "split") == rewards(tmp_path / "whole")
 
 
+def test_dynamic_sampling_ranks_draw_alike_and_each_contributes_b_groups(tmp_path):
+    run_worker(tmp_path / "dp", 2, 1, 2, "--dynamic-sampling")
+    records = [json.loads(line) for line in (tmp_path / "dp" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dynamic_sampling/groups_with_spread"] for r in records] == [2, 2]  # one group from each rank
+    assert all(r["dynamic_sampling/groups_drawn"] == 2 * r["dynamic_sampling/batches_drawn"] for r in records)
+    assert sum(r["dynamic_sampling/groups_dropped"] for r in records) > 0
+    rank0, rank1 = weights(tmp_path / "dp", 0), weights(tmp_path / "dp", 1)
+    for name in rank0:
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+
+
 def test_single_process_world_is_a_no_op():
     world = World()
     grads = {"w": mx.array([1.0, 2.0])}
