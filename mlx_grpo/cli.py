@@ -91,11 +91,13 @@ def validate_inputs(cfg: Config):
     from mlx_grpo.data import load_dataset, task_options
     from mlx_grpo.models import validate_generation_length, validate_model_path
     from mlx_grpo.rewards import load_rubric
+    from mlx_grpo.rewards.rubric import dry_call_checks
 
-    load_rubric(cfg.rubric)  # the rubric's own mistakes first, before the dataset's
+    rubric = load_rubric(cfg.rubric)  # the rubric's own mistakes first, before the dataset's
     items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
                          on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
-    rubric = load_rubric(cfg.rubric, sample=items[0] if items else None)  # dry-calls the Python checks
+    if items:
+        dry_call_checks(rubric, items[0])
     validate_model_path(cfg.model.path)
     validate_generation_length(cfg.model.path, cfg.rollout.max_new_tokens)
     names = [c.name for c in rubric.criteria]

@@ -102,18 +102,24 @@ def load_rubric(path: str | os.PathLike, sample: dict | None = None) -> Rubric:
         raise UserInputError(f"{where}: correct: {correct!r} is not a criterion{_hint(str(correct), names)} "
                              f"(criteria: {', '.join(names)})")
 
-    if sample is not None:
-        for i, c in enumerate(criteria):
-            if c.function is not None:
-                call_user_check(c.function, dry_completion(sample), sample, c.params,
-                                f"{where}: criteria[{i}] ({c.name}): check {c.check}: a dry call on a dataset sample")
     sources = tuple(dict.fromkeys(c.source for c in criteria if c.source))
     # The version covers the check files too: editing one is a new rubric.
     digest = hashlib.sha256(raw)
     for source in sources:
         digest.update(Path(source).read_bytes())
-    return Rubric(name=name.strip(), criteria=criteria, path=where, version=digest.hexdigest()[:12],
-                  teacher_config=teacher_config, correct=correct or "", sources=sources)
+    rubric = Rubric(name=name.strip(), criteria=criteria, path=where, version=digest.hexdigest()[:12],
+                    teacher_config=teacher_config, correct=correct or "", sources=sources)
+    if sample is not None:
+        dry_call_checks(rubric, sample)
+    return rubric
+
+
+def dry_call_checks(rubric: Rubric, sample: dict) -> None:
+    """Call each Python check once on a dataset sample; a raise or a bad value is a one-line error."""
+    for i, c in enumerate(rubric.criteria):
+        if c.function is not None:
+            call_user_check(c.function, dry_completion(sample), sample, c.params,
+                            f"{rubric.path}: criteria[{i}] ({c.name}): check {c.check}: a dry call on a dataset sample")
 
 
 def check_params(check: str) -> dict:
