@@ -213,12 +213,11 @@ def apply_rule(rule: str, completion: str, task: str, **options) -> Score:
 # -- reading the trainer's request ------------------------------------------------------------------
 
 _TASK_HEADER = "## Task given to the student\n"
-_GROUP_HEADER_RE = re.compile(r"\n\n## Student answers \((\d+): ([^)\n]*)\)\n(?=<<<answer )")
-_SINGLE_HEADER = "\n\n## Student answer\n<<<answer>>>\n"
+_GROUP_HEADER_RE = re.compile(r"\n\n## Student answers \((\d+): ([^)\n]*)\)\n")
+_SINGLE_HEADER = "\n\n## Student answer\n"
 _CRITERION_RE = re.compile(r"^- (.+?) \(score (\S+) to (\S+)\):", re.MULTILINE)
-_ANSWER_RE = re.compile(r"<<<answer (\w+)>>>\n(.*?)\n<<<end of answer \1>>>", re.DOTALL)
-_REPLY_FORMAT = "\n\n## Reply format\n"
-
+# The trainer escapes any marker-like text inside a completion, so a non-greedy match is exact.
+_ANSWER_RE = re.compile(r"<<<answer (?:(\w+) )?([0-9a-f]+)>>>\n(.*?)\n<<<end answer (?:\1 )?\2>>>", re.DOTALL)
 
 class RequestError(Exception):
     """A request the server cannot answer; `status` is the HTTP status to reply with."""
@@ -262,10 +261,9 @@ def parse_request(messages) -> JudgeRequest | None:
 
 def _parse_user(user: str) -> JudgeRequest | None:
     group = _GROUP_HEADER_RE.search(user)
-    single_at = user.find(_SINGLE_HEADER)
-    if group is None and single_at < 0:
+    head_end = group.start() if group else user.find(_SINGLE_HEADER)
+    if head_end < 0:
         return None
-    head_end = group.start() if group and (single_at < 0 or group.start() < single_at) else single_at
     criteria_at = user.rfind("\n## Criteria\n", 0, head_end)
     if criteria_at < 0:
         raise RequestError(400, "the request shows answers but has no '## Criteria' section")
@@ -284,44 +282,18 @@ def _parse_user(user: str) -> JudgeRequest | None:
     reference_at = task.rfind("\n## Reference answer\n")
     if reference_at >= 0:
         task = task[:reference_at]
-    if head_end == single_at:
-        start = single_at + len(_SINGLE_HEADER)
-        end = user.rfind("\n<<<end of answer>>>" + _REPLY_FORMAT, start)
-        if end < 0:
-            end = user.rfind("\n<<<end of answer>>>", start)
-        if end < 0:
-            raise RequestError(400, "the answer has no '<<<end of answer>>>' delimiter")
-        answers = [(None, user[start:end])]
+    found = [(cid or None, text) for cid, _, text in _ANSWER_RE.findall(user[head_end:])]
+    if not found:
+        raise RequestError(400, "cannot find the answers between '<<<answer [ID] TAG>>>' and "
+                                "'<<<end answer [ID] TAG>>>' markers")
+    if group is not None:
+        ids = [cid.strip() for cid in group.group(2).split(",") if cid.strip()]
+        if [cid for cid, _ in found] != ids:
+            raise RequestError(400, f"the answers shown ({', '.join(str(c) for c, _ in found)}) are not the ids "
+                                    f"the header lists ({', '.join(ids)})")
     else:
-        answers = _group_answers(user, group)
-    return JudgeRequest(task=task.strip(), criteria=criteria, answers=answers)
-
-
-def _group_answers(user: str, header: re.Match) -> list[tuple[str, str]]:
-    """The answers in shown order. Walks the delimiters of the ids the header lists, so an answer that
-    itself contains a delimiter-like line is read whole; falls back to a plain delimiter match."""
-    ids = [cid.strip() for cid in header.group(2).split(",") if cid.strip()]
-    answers, pos = [], header.end()
-    for k, cid in enumerate(ids):
-        start_marker = f"<<<answer {cid}>>>\n"
-        if not user.startswith(start_marker, pos):
-            break
-        start = pos + len(start_marker)
-        if k + 1 < len(ids):
-            end = user.find(f"\n<<<end of answer {cid}>>>\n<<<answer {ids[k + 1]}>>>\n", start)
-        else:
-            end = user.rfind(f"\n<<<end of answer {cid}>>>" + _REPLY_FORMAT, start)
-        if end < 0:
-            break
-        answers.append((cid, user[start:end]))
-        pos = end + len(f"\n<<<end of answer {cid}>>>\n")
-    else:
-        if answers:
-            return answers
-    answers = _ANSWER_RE.findall(user[header.end():])
-    if not answers:
-        raise RequestError(400, "cannot find the answers between '<<<answer ID>>>' and '<<<end of answer ID>>>'")
-    return answers
+        found = found[:1]
+    return JudgeRequest(task=task.strip(), criteria=criteria, answers=found)
 
 
 # -- grading -----------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ANSWER_RE = re.compile(r"<<<answer (\w+)>>>\n(.*?)\n<<<end of answer \1>>>", re.DOTALL)
-SINGLE_RE = re.compile(r"<<<answer>>>\n(.*?)\n<<<end of answer>>>", re.DOTALL)
+ANSWER_RE = re.compile(r"<<<answer (\w+) [0-9a-f]+>>>\n(.*?)\n<<<end answer \1 [0-9a-f]+>>>", re.DOTALL)
+SINGLE_RE = re.compile(r"<<<answer [0-9a-f]+>>>\n(.*?)\n<<<end answer [0-9a-f]+>>>", re.DOTALL)
 CRITERION_RE = re.compile(r"^- (\S+) \(score (\S+) to (\S+)\):", re.MULTILINE)
 
 

@@ -164,10 +164,12 @@ TRICKY = [
 def test_parse_group_request_recovers_every_answer_exactly():
     crit = [Crit("Code Quality"), Crit("Tone", (1.0, 5.0))]
     shown = list(zip(judge.completion_ids(4), TRICKY))
-    messages = judge.group_messages(LARGEST, "45 (not 99)", shown, crit)
+    messages = judge.group_messages(LARGEST, "45 (not 99)", shown, crit, tag="0badc0de")
     request = parse_request(messages)
     assert request.grouped
-    assert request.answers == shown
+    # Marker-like text inside an answer arrives escaped, and whole.
+    assert request.answers == [(cid, judge.escape_completion(text, "0badc0de")) for cid, text in shown]
+    assert request.answers[2][1].endswith("< <<end of answer B> >>\nstill this answer")
     assert request.task == LARGEST  # the reference answer is not part of the task
     assert request.criteria == [("Code Quality", 0.0, 10.0), ("Tone", 1.0, 5.0)]
     # A retry appends the bad reply and the problem: the original request is still what is judged.
@@ -176,9 +178,9 @@ def test_parse_group_request_recovers_every_answer_exactly():
 
 
 def test_parse_single_request():
-    request = parse_request(judge.single_messages("Write f.", None, TRICKY[2], [Crit("Docs", (-1.0, 1.0))]))
+    request = parse_request(judge.single_messages("Write f.", None, TRICKY[0], [Crit("Docs", (-1.0, 1.0))]))
     assert not request.grouped
-    assert request.answers == [(None, TRICKY[2])]
+    assert request.answers == [(None, TRICKY[0])]
     assert request.criteria == [("Docs", -1.0, 1.0)] and request.task == "Write f."
 
 
