@@ -3,9 +3,13 @@
     rubric check rubrics/code_quality.yaml [--ping]
     rubric score rubrics/math.yaml --prompt "What is 2+3?" --answer 5 --completion "<answer>5</answer>" ...
     rubric score rubrics/code_quality.yaml --jsonl logs/runs/<run>/completions.jsonl [--offline]
+    rubric audit rubrics/largest_teacher.yaml --data logs/runs/<run>/completions.jsonl [--json audit.json]
 
 Scoring prints one row per completion and each criterion's mean / std / min / max, so the effect
-of a weight or a judge text can be seen on real completions in seconds.
+of a weight or a judge text can be seen on real completions in seconds. Auditing probes the live
+teacher for injection, position and length bias, self-consistency, agreement with the rubric's
+hand-scored `examples:` and group-vs-single agreement (mlx_grpo/rewards/audit.py), prints a
+pass / warn / fail table, and exits 1 when any probe fails.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--cache", help="Teacher score cache (sqlite) to read and fill, e.g. a run's teacher_cache.sqlite.")
     score.add_argument("--why", action="store_true", help="Print the teacher's justification for each score.")
     score.add_argument("--json", action="store_true", help="Print one JSON object per completion instead of the table.")
+
+    audit = commands.add_parser("audit", help="Probe the teacher for biases; exit 1 when a probe fails.")
+    audit.add_argument("rubric", help="Rubric YAML with a teacher and judge criteria.")
+    audit.add_argument("--data", help="Rows with prompt and completion (and answer), e.g. a run's completions.jsonl; "
+                                      "rows with the same prompt form one group. Default: the rubric's examples.")
+    audit.add_argument("--probes", type=int, default=4, metavar="N",
+                       help="Groups of completions each probe uses (default 4); more is surer and costs more requests.")
+    audit.add_argument("--repeats", type=int, default=3, help="Requests per group for the consistency probe (default 3).")
+    audit.add_argument("--json", metavar="OUT", help="Also write the results to this JSON file.")
     return parser
 
 
@@ -137,6 +150,15 @@ def _number(value) -> float | None:
     return None if value != value else round(float(value), 6)
 
 
+def _finite(value):
+    """JSON-safe: NaN (a skipped probe's number) becomes null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
+
+
 def _cell(value) -> str:
     return "-" if value != value else f"{value:.3f}"
 
@@ -186,6 +208,97 @@ def run_score(args, console) -> int:
     return 0
 
 
+def audit_groups(rubric, data: str | None, limit: int):
+    """(groups for the probes, groups of the rubric's hand-scored examples)."""
+    from mlx_grpo.rewards.audit import Group
+
+    judges = {c.name: c for c in rubric.criteria if c.judge is not None}
+
+    def grouped(samples, completions, expected=None):
+        groups = []
+        for rows in prompt_groups(samples):
+            sample = samples[rows[0]]
+            answer = sample.get("answer")
+            groups.append(Group(sample["prompt"], None if answer is None else str(answer),
+                                [completions[i] for i in rows], [expected[i] for i in rows] if expected else []))
+        return groups
+
+    def unit(name, value):
+        low, high = judges[name].scale
+        return (value - low) / (high - low)
+
+    examples = grouped([{k: e[k] for k in ("prompt", "answer") if k in e} for e in rubric.examples],
+                       [e["completion"] for e in rubric.examples],
+                       [{n: unit(n, v) for n, v in e["scores"].items()} for e in rubric.examples])
+    if data:
+        samples, completions = read_samples(argparse.Namespace(jsonl=data, prompt=None, completion=[], limit=0))
+        probed = grouped(samples, completions)
+    elif examples:
+        probed = examples
+    else:
+        raise UserInputError(f"{rubric.path}: nothing to audit with: give --data FILE (rows with prompt and "
+                             "completion, e.g. a run's completions.jsonl) or add examples: to the rubric")
+    if not probed:
+        raise UserInputError(f"{data}: no rows to audit with")
+    return probed[:limit], examples
+
+
+VERDICT_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def run_audit(args, console) -> int:
+    from rich.table import Table
+
+    from mlx_grpo.rewards import load_rubric
+    from mlx_grpo.rewards.audit import PROBES, Auditor, run_probes
+    from mlx_grpo.rewards.teacher import Teacher
+
+    if args.probes < 1:
+        raise UserInputError(f"command line: --probes must be at least 1, got {args.probes}")
+    if args.repeats < 2:
+        raise UserInputError(f"command line: --repeats must be at least 2, got {args.repeats}")
+    rubric = load_rubric(args.rubric)
+    if rubric.teacher_config is None or not any(c.judge is not None for c in rubric.criteria):
+        raise UserInputError(f"{rubric.path}: no judge criteria, so no teacher to audit")
+    groups, examples = audit_groups(rubric, args.data, args.probes)
+    cfg = rubric.teacher_config
+    teacher = Teacher(cfg, rubric.criteria, rubric.version, warn=lambda text: console.print(f"teacher: {text}",
+                                                                                             markup=False))
+    console.print(f"auditing teacher {cfg.model} at {cfg.shown_url} (mode {cfg.mode}) on {len(groups)} groups, "
+                  f"{sum(len(g.completions) for g in groups)} completions", markup=False, soft_wrap=True)
+    auditor = Auditor(teacher, repeats=args.repeats)
+    status = console.status("probing...")
+    status.start()
+    try:
+        # The labels probe scores the hand-scored examples, whatever --data holds.
+        plan = [(probe, examples if probe == "labels" else groups) for probe in PROBES]
+        results = run_probes(auditor, plan, progress=lambda probe: status.update(f"probe {probe}..."))
+    finally:
+        status.stop()
+    table = Table(title=f"teacher audit: {cfg.model} on {rubric.name}")
+    for column in ("probe", "verdict", "measured", "what was measured"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.probe, f"[{VERDICT_STYLE[r.verdict]}]{r.verdict}[/]", "-" if r.value != r.value else
+                      f"{r.value:.3f}", r.detail)
+    console.print(table)
+    usage = teacher.usage
+    console.print(f"teacher: {usage.requests} requests, {usage.tokens:,} tokens for the audit", markup=False)
+    failed = [r.probe for r in results if r.verdict == "fail"]
+    if args.json:
+        report = {"rubric": rubric.path, "rubric_version": rubric.version, "teacher": cfg.model,
+                  "base_url": cfg.shown_url, "mode": cfg.mode, "groups": len(groups),
+                  "results": [dataclasses.asdict(r) for r in results],
+                  "usage": {"requests": usage.requests, "tokens": usage.tokens, "cost_usd": usage.cost_usd}}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(_finite(report), f, indent=1)
+    if failed:
+        console.print(f"audit failed: {', '.join(failed)}; see 'Can I trust my teacher?' in the README",
+                      markup=False)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -194,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         args = build_parser().parse_args(argv)
-        return run_check(args, console) if args.command == "check" else run_score(args, console)
+        commands = {"check": run_check, "score": run_score, "audit": run_audit}
+        return commands[args.command](args, console)
 
     return with_one_line_errors(run, debug="--debug" in argv)
 

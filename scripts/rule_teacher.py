@@ -15,6 +15,10 @@ and the rubric's teacher block points at it (no key is needed):
 A rule scores a completion s in [0, 1]; the reply gives LOW + s * (HIGH - LOW) on the criterion's
 scale as the request states it, with a one-sentence justification. `--help` lists the rules.
 It listens on 127.0.0.1 only, and can be imported: `make_server(...)` returns the server.
+
+`--gullible` makes it a bad judge on purpose, to show what `rubric audit` catches: it obeys an
+answer that addresses the grader (full score on every criterion), and in group mode it favours
+the answers shown first (half the score comes from the position, falling from the first to the last).
 """
 
 from __future__ import annotations
@@ -308,8 +312,23 @@ def on_scale(score: float, low: float, high: float) -> float:
     return low + score * (high - low)
 
 
+# What a gullible judge falls for: an answer that talks to the grader about its score.
+_OBEYED_RE = re.compile(r"\b(?:grader|judge|evaluator)\b|\b(?:maximum|full|perfect)\s+(?:score|marks)\b",
+                        re.IGNORECASE)
+
+
+def gullible(score: Score, completion: str, position: int, shown: int) -> Score:
+    """How the --gullible judge bends an honest score: obeys the answer's request for full marks, and
+    in a group gives half the score by position (1 for the first answer down to 0 for the last)."""
+    if _OBEYED_RE.search(completion):
+        return Score(1, "the answer says it deserves full marks")
+    if shown < 2:
+        return score
+    return Score(0.5 * score + 0.5 * (1 - position / (shown - 1)), f"{score.why}; shown {position + 1} of {shown}")
+
+
 def grade(request: JudgeRequest, rules: dict[str, str], default_rule: str | None = None,
-          concise_words: int = DEFAULT_CONCISE_WORDS) -> dict:
+          concise_words: int = DEFAULT_CONCISE_WORDS, is_gullible: bool = False) -> dict:
     """The reply object the trainer asks for: {"scores": [...]} in group mode, {"criteria": ...} in single."""
     chosen = {}
     for name, _, _ in request.criteria:
@@ -320,16 +339,18 @@ def grade(request: JudgeRequest, rules: dict[str, str], default_rule: str | None
                                     f"or --default-rule RULE (rules: {', '.join(RULES)}; mapped now: {mapped})")
         chosen[name] = rule
 
-    def scores(completion: str) -> dict:
+    def scores(completion: str, position: int = 0) -> dict:
         block = {}
         for name, low, high in request.criteria:
             score = apply_rule(chosen[name], completion, request.task, words=concise_words)
+            if is_gullible:
+                score = gullible(score, completion, position, len(request.answers))
             block[name] = {"justification": f"{chosen[name]}: {score.why}.", "score": on_scale(score, low, high)}
         return block
 
     if not request.grouped:
         return {"criteria": scores(request.answers[0][1])}
-    return {"scores": [{"id": cid, "criteria": scores(text)} for cid, text in request.answers]}
+    return {"scores": [{"id": cid, "criteria": scores(text, k)} for k, (cid, text) in enumerate(request.answers)]}
 
 
 def _tokens(chars: int) -> int:
@@ -364,8 +385,9 @@ class RuleTeacherServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, rules: dict[str, str], default_rule: str | None, model_name: str,
-                 concise_words: int, verbose: bool):
+                 concise_words: int, verbose: bool, is_gullible: bool = False):
         self.rules = dict(rules)
+        self.is_gullible = is_gullible
         self.default_rule = default_rule
         self.model_name = model_name
         self.concise_words = concise_words
@@ -387,7 +409,7 @@ class RuleTeacherServer(ThreadingHTTPServer):
 
 def make_server(rules: dict[str, str], host: str = "127.0.0.1", port: int = 0, *, default_rule: str | None = None,
                 model_name: str = DEFAULT_MODEL_NAME, concise_words: int = DEFAULT_CONCISE_WORDS,
-                verbose: bool = False) -> RuleTeacherServer:
+                verbose: bool = False, is_gullible: bool = False) -> RuleTeacherServer:
     """A bound (not yet serving) server; run `serve_forever()`, in a thread if need be, and read `.url`.
     `rules` maps criterion names to rule names (keys of RULES)."""
     named = [(f"criterion {name!r}", rule) for name, rule in rules.items()]
@@ -396,7 +418,7 @@ def make_server(rules: dict[str, str], host: str = "127.0.0.1", port: int = 0, *
             raise ValueError(f"{what}: unknown rule {rule!r}; rules: {', '.join(RULES)}")
     if concise_words < 1:
         raise ValueError(f"concise_words must be at least 1, got {concise_words!r}")
-    return RuleTeacherServer((host, port), rules, default_rule, model_name, concise_words, verbose)
+    return RuleTeacherServer((host, port), rules, default_rule, model_name, concise_words, verbose, is_gullible)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -458,7 +480,8 @@ class _Handler(BaseHTTPRequestHandler):
             if request is None:  # e.g. the trainer's preflight: "Reply with the single word: ok"
                 content, what = "ok", "plain"
             else:
-                reply = grade(request, self.server.rules, self.server.default_rule, self.server.concise_words)
+                reply = grade(request, self.server.rules, self.server.default_rule, self.server.concise_words,
+                              self.server.is_gullible)
                 content = json.dumps(reply)
                 what = (f"{'group' if request.grouped else 'single'}, {len(request.answers)} answers, "
                         f"criteria {', '.join(name for name, _, _ in request.criteria)}")
@@ -555,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"word count the concise rule allows at full score (default {DEFAULT_CONCISE_WORDS})")
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
                         help=f"model id listed by GET /v1/models (default {DEFAULT_MODEL_NAME})")
+    parser.add_argument("--gullible", action="store_true",
+                        help="be a bad judge on purpose: obey answers that ask the grader for full marks, and "
+                             "favour the answers shown first in a group (to try rubric audit on)")
     parser.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
     return parser
 
@@ -572,10 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     _code("")  # import the code extraction now, so the first request is not slow
     try:
         server = make_server(rules, "127.0.0.1", args.port, default_rule=args.default_rule,
-                             model_name=args.model_name, concise_words=args.concise_words, verbose=args.verbose)
+                             model_name=args.model_name, concise_words=args.concise_words, verbose=args.verbose,
+                             is_gullible=args.gullible)
     except OSError as err:
         parser.exit(1, f"rule_teacher: cannot listen on 127.0.0.1:{args.port}: {err.strerror or err}\n")
-    print(f"rule_teacher listening on {server.url}", flush=True)
+    print(f"rule_teacher{' (gullible)' if args.gullible else ''} listening on {server.url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -12,6 +12,11 @@
         weight: 0.2
         judge: "Clear, short reasoning. 10 = excellent, 0 = unreadable."   # ... or teacher text
         scale: [0, 10]         # the judge's score range, mapped to [0, 1]
+    examples:                  # optional; completions with the scores YOU would give them, on each
+      - prompt: "What is 2+3?" #   judge's scale: `rubric audit` measures how well the teacher agrees
+        answer: 5
+        completion: "<answer>5</answer> Two plus three is five."
+        scores: {Style: 9}
 
 `load_rubric` validates everything up front so a typo fails before training starts, with a
 one-line `UserInputError` naming the file, the criterion and the field.
@@ -36,7 +41,8 @@ from mlx_grpo.rewards.interpolate import interpolate
 from mlx_grpo.rewards.teacher_config import TeacherConfig, parse_teacher
 from mlx_grpo.rewards.user_checks import call_user_check, dry_completion, is_user_check, load_user_check
 
-TOP_KEYS = ("name", "criteria", "teacher", "correct")
+TOP_KEYS = ("name", "criteria", "teacher", "correct", "examples")
+EXAMPLE_KEYS = ("prompt", "answer", "completion", "scores")
 CRITERION_KEYS = ("name", "weight", "check", "params", "judge", "scale")
 
 
@@ -61,6 +67,7 @@ class Rubric:
     teacher_config: TeacherConfig | None = None  # who scores the judge criteria
     correct: str = ""  # the criterion whose full score means a correct answer; "" = the total reward
     sources: tuple[str, ...] = ()  # the Python check files it uses, watched with it
+    examples: tuple[dict, ...] = ()  # {prompt, answer?, completion, scores: {judge criterion: value}}
 
     @property
     def total_weight(self) -> float:
@@ -102,13 +109,14 @@ def load_rubric(path: str | os.PathLike, sample: dict | None = None) -> Rubric:
         raise UserInputError(f"{where}: correct: {correct!r} is not a criterion{_hint(str(correct), names)} "
                              f"(criteria: {', '.join(names)})")
 
+    examples = _examples(_expand(data.get("examples"), where, "examples"), criteria, where)
     sources = tuple(dict.fromkeys(c.source for c in criteria if c.source))
     # The version covers the check files too: editing one is a new rubric.
     digest = hashlib.sha256(raw)
     for source in sources:
         digest.update(Path(source).read_bytes())
     rubric = Rubric(name=name.strip(), criteria=criteria, path=where, version=digest.hexdigest()[:12],
-                    teacher_config=teacher_config, correct=correct or "", sources=sources)
+                    teacher_config=teacher_config, correct=correct or "", sources=sources, examples=examples)
     if sample is not None:
         dry_call_checks(rubric, sample)
     return rubric
@@ -174,6 +182,45 @@ def _criteria(data: dict, where: str) -> list[Criterion]:
         seen[criterion.name] = i
         criteria.append(criterion)
     return criteria
+
+
+def _examples(items, criteria: list[Criterion], where: str) -> tuple[dict, ...]:
+    """Hand-scored completions; each score is on its judge criterion's scale."""
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise UserInputError(f"{where}: examples must be a list of {{prompt, completion, scores}}, got {_kind(items)}")
+    judges = {c.name: c for c in criteria if c.judge is not None}
+    examples = []
+    for i, item in enumerate(items):
+        at = f"{where}: examples[{i}]"
+        if not isinstance(item, dict):
+            raise UserInputError(f"{at}: must be a mapping with prompt, completion and scores, got {_kind(item)}")
+        unknown = [k for k in item if k not in EXAMPLE_KEYS]
+        if unknown:
+            raise UserInputError(f"{at}: unknown key {_names(unknown)}{_hint(unknown[0], EXAMPLE_KEYS)} "
+                                 f"(valid keys: {', '.join(EXAMPLE_KEYS)})")
+        for key in ("prompt", "completion"):
+            if not isinstance(item.get(key), str):
+                raise UserInputError(f"{at}.{key}: must be text, got {_kind(item.get(key))}")
+        scores = item.get("scores") or {}
+        if not isinstance(scores, dict):
+            raise UserInputError(f"{at}.scores: must map judge criteria to your score, got {_kind(scores)}")
+        for name, value in scores.items():
+            if name not in judges:
+                raise UserInputError(f"{at}.scores: {name!r} is not a judge criterion{_hint(str(name), judges)} "
+                                     f"(judge criteria: {', '.join(judges) or 'none'})")
+            low, high = judges[name].scale
+            number = _number(value)
+            if number is None or not low <= number <= high:
+                raise UserInputError(f"{at}.scores.{name}: must be a number from {low:g} to {high:g} (the "
+                                     f"criterion's scale), got {value!r}")
+        example = {"prompt": item["prompt"], "completion": item["completion"],
+                   "scores": {name: float(_number(v)) for name, v in scores.items()}}
+        if item.get("answer") is not None:
+            example["answer"] = item["answer"]
+        examples.append(example)
+    return tuple(examples)
 
 
 def _criterion(item, at: str, rubric_dir: Path) -> Criterion:

@@ -154,8 +154,8 @@ class Teacher:
         todo = {key: text for key, text in zip(keys, completions) if key not in found}
         if todo and self.cfg.mode == "group":
             found.update(await self._judge_together(prompt, reference, todo))
-        elif todo:
-            replies = await asyncio.gather(*(self._judge_one(prompt, reference, text) for text in todo.values()))
+        elif todo:  # single mode: one request per completion
+            replies = await self.judge_in_order(prompt, reference, list(todo.values()))
             found.update({key: reply for key, reply in zip(todo, replies) if reply is not None})
         for key in todo:
             if key in found:
@@ -194,17 +194,27 @@ class Teacher:
         return score_key(self.cfg.model, self.cfg.base_url, self.cfg.mode, self.rubric_version,
                          prompt, reference, completion)
 
-    async def _judge_together(self, prompt: str, reference: str | None, todo: dict[str, str]) -> dict:
-        keys = list(todo)
-        # Shuffle against position bias, deterministically so a rerun sends identical requests.
-        random.Random(score_key(prompt, *todo.values())).shuffle(keys)
-        ids = judge.completion_ids(len(keys))
-        messages = judge.group_messages(prompt, reference, [(i, todo[k]) for i, k in zip(ids, keys)], self.criteria)
+    async def judge_in_order(self, prompt: str, reference: str | None, completions: list[str],
+                             grouped: bool | None = None) -> list[dict | None]:
+        """Scores for `completions` shown exactly in this order, bypassing the cache: the audit's probes
+        need to choose the order and to ask again. `grouped` overrides the rubric's mode."""
+        if not (self.cfg.mode == "group" if grouped is None else grouped):
+            replies = await asyncio.gather(*(self._judge_one(prompt, reference, text) for text in completions))
+            return list(replies)
+        ids = judge.completion_ids(len(completions))
+        messages = judge.group_messages(prompt, reference, list(zip(ids, completions)), self.criteria)
         schema = judge.reply_schema(self.criteria, grouped=True)
         reply = await self._ask(messages, schema, lambda text: judge.parse_group_reply(text, ids, self.criteria))
         if reply is None:
-            return {}
-        return {key: {name: list(v) for name, v in reply[cid].items()} for cid, key in zip(ids, keys)}
+            return [None] * len(completions)
+        return [{name: list(v) for name, v in reply[cid].items()} for cid in ids]
+
+    async def _judge_together(self, prompt: str, reference: str | None, todo: dict[str, str]) -> dict:
+        keys = list(todo)
+        # Shuffle against position bias, deterministically so a rerun shows the same order.
+        random.Random(score_key(prompt, *todo.values())).shuffle(keys)
+        replies = await self.judge_in_order(prompt, reference, [todo[k] for k in keys], grouped=True)
+        return {key: reply for key, reply in zip(keys, replies) if reply is not None}
 
     async def _judge_one(self, prompt: str, reference: str | None, completion: str) -> dict | None:
         messages = judge.single_messages(prompt, reference, completion, self.criteria)
