@@ -30,7 +30,7 @@ from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.entropy_dump import EntropyDumper
 from mlx_grpo.metrics.run_log import LOG_FILES, RunLogger, StepOutcome
 from mlx_grpo.policy import COMPILE_BUCKET, NO_UPDATE_STATS, Policy
-from mlx_grpo.rewards import RubricWatcher, Scorer, describe_rubric
+from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
 from mlx_grpo.rollout import to_train_batch
 from mlx_grpo.rollout_source import RolloutSource
 
@@ -130,6 +130,8 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             timer.peak("logprobs")
             with timer.time("reward_wait"):
                 scored = current.scoring.result()
+                # teacher.audit_every: can this step's own completions fool the teacher?
+                audited = audit_teacher(scorer, step, current, cfg.rollout.group_size)
             scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
@@ -165,7 +167,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 current.scoring_time, eval_record, state.nonfinite_skips)
             seen = logger.gather(outcome)
             adapted = rollouts.adapt(current, seen)
-            logger.log_step(outcome, seen, last=run_complete, extra=adapted)
+            logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited})
 
             # 8. Checkpoint, and stop early when asked to (budget spent, Ctrl-C).
             if run_complete or state.stop_reason or (cfg.train.save_every and step % cfg.train.save_every == 0):
@@ -225,6 +227,14 @@ def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub
         scorer.set_rubric(rubric)
         hub.log_text(step, "Rubric/changes", describe_rubric(rubric))
         notify(f"rubric reloaded at step {step}: {rubric.path} (version {rubric.version})")
+
+
+def audit_teacher(scorer: Scorer, step: int, current, group_size: int) -> dict:
+    """Teacher/Audit_* scalars every teacher.audit_every steps (on this rank's completions), else {}."""
+    every = scorer.teacher.cfg.audit_every if scorer.teacher is not None else 0
+    if not every or step % every:
+        return {}
+    return scorer.audit(current.group_samples, current.texts, contiguous_groups(len(current.texts), group_size))
 
 
 def stop_requests(step: int, scorer: Scorer, should_stop, world: World) -> tuple[str | None, bool]:

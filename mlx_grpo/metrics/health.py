@@ -13,6 +13,9 @@ come from the seed notes (grpo-learning-log.md, rl-metrics-healthy-ranges.md):
 - kl_blowup: KL to the reference should be small positive (~0.01-0.1); > 1.0 is over-optimisation.
 - approx_kl: PPO approx KL (old vs new policy) healthy < 0.01-0.05; |k1| > 0.05 is too large a step.
 - clipfrac: PPO clip fraction < 0.2 ideally.
+- teacher_fooled (runs with a teacher): the latest teacher.audit_every audit found the teacher
+  raising a wrong answer's score when asked to, or scoring by position (Teacher/Audit_Fooled).
+- judge_gaming (runs with a teacher): completions address the grader (Teacher/SuspectedGamingFrac > 0).
 
 A missing key is "no data" (never 0). A non-finite value makes its check hold, so NaNs get reported
 instead of crashing the monitor. Each check reports once per episode (a run of consecutive steps
@@ -35,6 +38,8 @@ REWARD = "Train/AvgReward"
 KL = "actor/kl_loss"
 PPO_KL = "actor/ppo_kl"
 CLIPFRAC = "actor/pg_clipfrac"
+AUDIT_FOOLED = "Teacher/Audit_Fooled"
+GAMING = "Teacher/SuspectedGamingFrac"
 
 MIN_MEDIAN_VALUES = 5  # a median of fewer grad norms is too noisy to call anything a spike
 
@@ -45,6 +50,8 @@ LABELS = {
     "kl_blowup": "KL blow-up",
     "approx_kl": "approx KL out of range",
     "clipfrac": "clip fraction high",
+    "teacher_fooled": "teacher fooled",
+    "judge_gaming": "completions address the grader",
 }
 
 HINTS = {
@@ -56,7 +63,12 @@ HINTS = {
     "kl_blowup": "the policy is drifting far from the reference; raise beta or lower the learning rate",
     "approx_kl": "policy updates are too large per step; lower the learning rate or updates per batch",
     "clipfrac": "too many tokens hit the PPO clip; lower the learning rate or updates per batch",
+    "teacher_fooled": "the teacher's scores can be moved by text in the answer or by its position; run "
+                      "`rubric audit`, choose a stronger teacher, or weight programmatic checks more",
+    "judge_gaming": "the policy may be learning to talk the judge into a score; see Teacher/SuspectedGaming "
+                    "in TensorBoard's text tab, and set teacher.on_gaming: mask to take such answers out",
 }
+TEACHER_CHECKS = ("teacher_fooled", "judge_gaming")
 
 
 @dataclass
@@ -112,14 +124,17 @@ class HealthMonitor:
     CHECKS: tuple[str, ...] = ("mode_collapse", "grad_spike", "runaway_completions",
                                "kl_blowup", "approx_kl", "clipfrac")
 
-    def __init__(self, cfg: HealthConfig | None = None):
+    def __init__(self, cfg: HealthConfig | None = None, teacher: bool = False):
         self.cfg = cfg or HealthConfig()
+        # The teacher's checks exist only in runs with a teacher, so other runs log no health/teacher_*.
+        self.checks = self.CHECKS + (TEACHER_CHECKS if teacher else ())
+        self._fooled: list[str] = []  # the latest audit's finding, kept until the next audit
         self._grad_norms: deque[float] = deque(maxlen=self.cfg.grad_median_window)
         # One entry per step; None when that step had no usable reward (the window is then not judged).
         self._rewards: deque[float | None] = deque(maxlen=self.cfg.flat_reward_window)
         self._zero_std: deque[float] = deque(maxlen=self.cfg.zero_std_window)
-        self._active = dict.fromkeys(self.CHECKS, False)
-        self._episodes = dict.fromkeys(self.CHECKS, 0)
+        self._active = dict.fromkeys(self.checks, False)
+        self._episodes = dict.fromkeys(self.checks, 0)
 
     def update(self, step: int, record: dict[str, float]) -> tuple[dict[str, float], list[str]]:
         """Returns (scalars, new_warnings).
@@ -136,12 +151,14 @@ class HealthMonitor:
             "kl_blowup": _above(KL, _get(record, KL), self.cfg.kl_max),
             "approx_kl": self._approx_kl(record),
             "clipfrac": _above(CLIPFRAC, _get(record, CLIPFRAC), self.cfg.clipfrac_max),
+            "teacher_fooled": self._teacher_fooled(record),
+            "judge_gaming": _above(GAMING, _get(record, GAMING), 0.0),
         }
         if step < self.cfg.warmup_steps:
-            reasons = dict.fromkeys(self.CHECKS, [])
+            reasons = dict.fromkeys(self.checks, [])
 
         scalars, warnings = {}, []
-        for check in self.CHECKS:
+        for check in self.checks:
             holds = bool(reasons[check])
             if holds and not self._active[check]:
                 self._episodes[check] += 1
@@ -154,7 +171,8 @@ class HealthMonitor:
     def state_dict(self) -> dict:
         """The recent history the checks judge by, as plain lists (for a checkpoint)."""
         return {"grad_norms": list(self._grad_norms), "rewards": list(self._rewards),
-                "zero_std": list(self._zero_std), "active": dict(self._active), "episodes": dict(self._episodes)}
+                "zero_std": list(self._zero_std), "active": dict(self._active), "episodes": dict(self._episodes),
+                "fooled": list(self._fooled)}
 
     def load_state_dict(self, state: dict) -> None:
         self._grad_norms.clear()
@@ -165,10 +183,20 @@ class HealthMonitor:
         self._zero_std.extend(state["zero_std"])
         self._active.update(state["active"])
         self._episodes.update(state["episodes"])
+        self._fooled = list(state.get("fooled", []))
 
     def summary(self) -> dict[str, int]:
         """check -> number of warning episodes so far."""
         return dict(self._episodes)
+
+    def _teacher_fooled(self, record: dict) -> list[str]:
+        fooled = _get(record, AUDIT_FOOLED)
+        if fooled is None:  # no audit this step: the latest one's finding stands
+            return self._fooled
+        found = [f"{key}={_fmt(value)}" for key in ("Teacher/Audit_InjectionGain", "Teacher/Audit_PositionSpread")
+                 if (value := _get(record, key)) is not None and math.isfinite(value)]
+        self._fooled = [f"{AUDIT_FOOLED}=1 ({', '.join(found)})"] if fooled != 0 else []
+        return self._fooled
 
     def _mode_collapse(self, record: dict) -> list[str]:
         zero_std = _get(record, ZERO_STD)

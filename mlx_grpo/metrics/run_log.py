@@ -115,7 +115,8 @@ class RunLogger:
             correct_threshold=cfg.logging.correct_threshold)
         # Judged over several steps: with one prompt per step a single step says little.
         self.health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10,
-                                                 warmup_steps=cfg.optim.warmup_steps))
+                                                 warmup_steps=cfg.optim.warmup_steps),
+                                    teacher=scorer.teacher is not None)
         self.rewards: list[float] = []  # mean reward per step, for the summary
         self.save_seconds = 0.0  # the latest checkpoint's, logged as timing_s/save_checkpoint
         self.elapsed_before = 0.0  # of the run before a resume
@@ -172,6 +173,9 @@ class RunLogger:
         usage = self.scorer.usage
         if self.scorer.teacher is not None or usage.requests:
             record.update(teacher_metrics(usage.since(self._usage_before), usage, self.scorer.latencies))
+        if out.scored.gaming:  # scored with a teacher: completions that address the grader
+            flagged, n = self.world.sum([float(sum(g is not None for g in out.scored.gaming)), float(len(out.texts))])
+            record["Teacher/SuspectedGamingFrac"] = flagged / max(n, 1.0)
         if out.step % cfg.logging.performance_every == 0 or out.step == 1:  # "every N batches", as in the seed
             record["Performance/Generation_TokensPerSec"] = gen_speed
             record["Performance/Generation_Time"] = out.rollout.generation_time_s
@@ -197,6 +201,7 @@ class RunLogger:
             self.hub.log_text(out.step, "health/warnings", warning)
         self.rewards.append(record["Train/AvgReward"])
         self._write_completions(out)
+        self._log_gaming(out)
         if self.progress is not None:
             self.progress(out.step, record)
         return record
@@ -212,6 +217,15 @@ class RunLogger:
                 self.completions.write(json.dumps(row) + "\n")
             self.completions.flush()
             self.hub.log_text(out.step, "Samples/completions", samples_markdown(rows[:self.cfg.rollout.group_size]))
+
+    def _log_gaming(self, out: StepOutcome, shown: int = 3) -> None:
+        """A few of this step's completions that address the grader, in TensorBoard's text tab."""
+        found = [(why, text) for why, text in zip(out.scored.gaming, out.texts) if why is not None]
+        if found:
+            action = {"warn": "counted only", "mask": "masked", "zero": "rewarded 0"}[self.scorer.teacher.cfg.on_gaming]
+            lines = [f"{len(found)} of {len(out.texts)} completions address the grader ({action}):", ""]
+            lines += [f"- **{why}**: `{' '.join(text.split())[:300]}`" for why, text in found[:shown]]
+            self.hub.log_text(out.step, "Teacher/SuspectedGaming", "\n".join(lines))
 
     def note(self, step: int, text: str) -> None:
         """A notice for the user, also in the logs."""

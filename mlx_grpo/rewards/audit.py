@@ -159,6 +159,10 @@ class Auditor:
         self.rng = random.Random(seed)
         self._memo: dict[tuple, list[float]] = {}
 
+    def forget(self) -> None:
+        """Drop remembered scores (a training-time audit probes new completions each time)."""
+        self._memo.clear()
+
     @property
     def criteria(self) -> list[str]:
         return [c.name for c in self.teacher.criteria]

@@ -6,6 +6,12 @@ loop, all at once, and hands back a future so the trainer can keep working while
 
 A completion the teacher failed to score is *masked* (valid=False, reward NaN): it gets no
 advantage and is left out of every reward statistic. It is never scored 0.
+
+With a teacher, each completion is also checked for text addressed to the grader
+(rewards/gaming.py); `teacher.on_gaming` says whether such a completion is only counted (warn),
+masked like a failed score (mask), or given reward 0 (zero). `audit` reruns the injection and
+position probes (rewards/audit.py) on a step's completions, on a separate, uncached teacher whose
+requests count against the budget but are reported apart.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from typing import Callable
 import numpy as np
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.rewards.audit import TRAINING_PROBES, Auditor, Group, training_metrics
 from mlx_grpo.rewards.cache import ScoreCache
 from mlx_grpo.rewards.checks import CHECKS
+from mlx_grpo.rewards.gaming import suspected_gaming
 from mlx_grpo.rewards.rubric import Criterion, Rubric
 from mlx_grpo.rewards.teacher import Teacher, TeacherUsage
 from mlx_grpo.rewards.user_checks import call_user_check, call_user_check_async
@@ -37,6 +45,7 @@ class RewardBatch:
     valid: np.ndarray  # bool (N,): False where a teacher score could not be had
     justifications: dict[str, list[str]] = field(default_factory=dict)  # judge criterion -> teacher's reasons
     weights: dict[str, float] = field(default_factory=dict)  # criterion name -> its weight in the rubric that scored
+    gaming: list = field(default_factory=list)  # with a teacher: per completion, how it addresses the grader, or None
 
 
 class TeacherUnavailable(RuntimeError):
@@ -126,6 +135,8 @@ class Scorer:
         self._usage_before = TeacherUsage()  # usage of teachers replaced by a rubric reload
         self._latencies_before: list[float] = []
         self._recent: deque[bool] = deque()  # True where a judged completion failed
+        self._auditor: Auditor | None = None  # teacher.audit_every: its own uncached teacher
+        self._audit_usage_before = TeacherUsage()
         self.teacher: Teacher | None = None
         self.rubric = rubric
         self.set_rubric(rubric)
@@ -199,9 +210,55 @@ class Scorer:
                     if name in reasons:
                         scores[name][i] = value
                         reasons[name][i] = why
-        if teacher is not None:
-            self._recent.extend(bool(f) for f in failed)
-        return combine(rubric, scores, valid, reasons)
+        if teacher is None:
+            return combine(rubric, scores, valid, reasons)
+        self._recent.extend(bool(f) for f in failed)
+        gaming = [suspected_gaming(text) for text in completions]
+        flagged = np.array([g is not None for g in gaming], dtype=bool)
+        if teacher.cfg.on_gaming == "mask":
+            valid &= ~flagged  # like a failed score: no advantage, and never a 0
+        batch = combine(rubric, scores, valid, reasons)
+        if teacher.cfg.on_gaming == "zero":
+            batch.rewards[flagged & batch.valid] = 0.0
+        batch.gaming = gaming
+        return batch
+
+    # -- auditing the teacher during training ----------------------------------------------------
+
+    def audit(self, samples: list[dict], completions: list[str], groups: list[list[int]]) -> dict[str, float]:
+        """The injection and position probes on the step's largest group: Teacher/Audit_* scalars.
+        Synchronous: it runs every teacher.audit_every steps and its requests are few (3 per audit)."""
+        if self.teacher is None or not groups:
+            return {}
+        cfg = self.teacher.cfg
+        if self._auditor is None or self._auditor.teacher.cfg != cfg:
+            self._retire_auditor()
+            self._auditor = Auditor(Teacher(cfg, self.rubric.criteria, self.rubric.version, cache=None,
+                                            warn=self.warn), orders=2)
+        auditor = self._auditor
+        auditor.teacher.criteria = list(self.teacher.criteria)
+        auditor.forget()
+        rows = max(groups, key=len)
+        sample = samples[rows[0]]
+        group = Group(sample["prompt"], _reference(sample), [completions[i] for i in rows])
+        before = auditor.teacher.usage.snapshot()
+        results = [self._run(auditor.run(probe, [group])) for probe in TRAINING_PROBES]
+        spent = auditor.teacher.usage.since(before)
+        total = self.audit_usage
+        return {**training_metrics(results), "Teacher/Audit_Requests": spent.requests,
+                "Teacher/Audit_APITokens": spent.tokens, "Teacher/Audit_APITokensTotal": total.tokens}
+
+    @property
+    def audit_usage(self) -> TeacherUsage:
+        """The audit's teacher usage over the whole run, apart from scoring's."""
+        current = self._auditor.teacher.usage if self._auditor is not None else TeacherUsage()
+        return self._add(self._audit_usage_before, current)
+
+    def _retire_auditor(self) -> None:
+        if self._auditor is not None:
+            self._audit_usage_before = self._add(self._audit_usage_before, self._auditor.teacher.usage)
+            self._run(self._auditor.teacher.close())
+            self._auditor = None
 
     # -- accounting and stopping ---------------------------------------------------------------
 
@@ -220,10 +277,12 @@ class Scorer:
         """The run's teacher accounting, as plain numbers (for a checkpoint), and for whoever reads
         the checkpoint, the rubric version and score cache it was scored with."""
         return {"usage": asdict(self.usage), "latencies": self.latencies, "rubric_version": self.rubric.version,
-                "cache": str(self.cache.path) if self.cache is not None else None}
+                "cache": str(self.cache.path) if self.cache is not None else None,
+                "audit_usage": asdict(self.audit_usage)}
 
     def load_state_dict(self, state: dict) -> None:
         self.restore_usage(TeacherUsage(**state["usage"]), state["latencies"])
+        self._audit_usage_before = TeacherUsage(**state.get("audit_usage", {}))
 
     @property
     def latencies(self) -> list[float]:
@@ -245,7 +304,7 @@ class Scorer:
         """A message when the teacher's token or USD budget is spent, else None."""
         if self.teacher is None:
             return None
-        budget, used = self.teacher.cfg.budget, self.usage
+        budget, used = self.teacher.cfg.budget, self._add(self.usage, self.audit_usage)  # audit requests count too
         if budget.tokens is not None and used.tokens >= budget.tokens:
             return f"teacher token budget spent: {used.tokens:,} of {budget.tokens:,} tokens"
         if budget.usd is not None and used.cost_usd >= budget.usd:
@@ -258,6 +317,7 @@ class Scorer:
             return
         if self.teacher is not None:
             self._run(self.teacher.close())
+        self._retire_auditor()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)

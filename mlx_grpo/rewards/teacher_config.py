@@ -8,6 +8,8 @@
       max_concurrency: 4
       requests_per_minute: 0           # 0 = no client-side limit (429 Retry-After is still honoured)
       budget: {usd: 2.0, prices: {gpt-4o-mini: {input: 0.15, output: 0.60}}}   # or {tokens: 500000}
+      audit_every: 0                   # every N steps, probe the teacher with the step's completions
+      on_gaming: warn                  # completions that address the grader: warn, mask or zero
 
 Every key is validated here at load, with one-line errors naming the file and the field.
 """
@@ -24,6 +26,7 @@ from mlx_grpo.errors import UserInputError
 
 MODES = ("group", "single")
 RESPONSE_FORMATS = ("auto", "json_schema", "json_object", "text")
+ON_GAMING = ("warn", "mask", "zero")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class TeacherConfig:
     max_failure_rate: float = 0.5  # stop the run when more than this fraction of recent scores fail
     failure_window: int = 64  # ... measured over this many recent judged completions (once a quarter are in)
     budget: Budget = field(default_factory=Budget)
+    audit_every: int = 0  # every N steps rerun the injection and position probes on the step's completions (0: off)
+    on_gaming: str = "warn"  # a completion that addresses the grader: warn (count it), mask (no advantage), zero
 
     @property
     def shown_url(self) -> str:
@@ -97,7 +102,7 @@ def parse_teacher(raw: dict, where: str) -> TeacherConfig:
             values[key] = raw[key].strip()
     if not values.get("base_url", "http://").startswith(("http://", "https://")):
         raise UserInputError(f"{where}.base_url: must start with http:// or https://, got {values['base_url']!r}")
-    for key, choices in (("mode", MODES), ("response_format", RESPONSE_FORMATS)):
+    for key, choices in (("mode", MODES), ("response_format", RESPONSE_FORMATS), ("on_gaming", ON_GAMING)):
         if key in raw:
             if raw[key] not in choices:
                 raise UserInputError(f"{where}.{key}: must be one of {', '.join(choices)}, got {raw[key]!r}")
@@ -105,7 +110,7 @@ def parse_teacher(raw: dict, where: str) -> TeacherConfig:
     for key, low, integer in (("temperature", 0.0, False), ("max_tokens", 1, True), ("timeout_s", 0.0, False),
                               ("max_concurrency", 1, True), ("requests_per_minute", 0.0, False),
                               ("max_retries", 0, True), ("backoff_s", 0.0, False), ("max_backoff_s", 0.0, False),
-                              ("failure_window", 1, True)):
+                              ("failure_window", 1, True), ("audit_every", 0, True)):
         if key in raw:
             values[key] = _number(raw[key], f"{where}.{key}", low=low, integer=integer)
     if "timeout_s" in values and values["timeout_s"] <= 0:
