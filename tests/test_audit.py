@@ -188,3 +188,33 @@ def test_rubric_examples_are_validated(tmp_path, examples, fragment):
     assert fragment in str(err.value)
     ok = load_rubric(RUBRIC).examples
     assert len(ok) == 8 and ok[0]["scores"] == {"Explanation": 10.0} and ok[0]["answer"] == 93
+
+
+def test_unanswered_scores_are_left_out_and_counted(capsys, tmp_path):
+    """A teacher (the scripted one, single mode) that never answers for one completion: the probes
+    measure the rest and say how many scores were unanswered."""
+    from collections import deque
+
+    from teacher_server import ScriptedTeacher
+
+    server = ScriptedTeacher()
+    server.script_when["FAILME"] = deque(["garbage"] * 1000)
+    rubric = tmp_path / "r.yaml"
+    rubric.write_text(f"name: s\nteacher: {{model: scripted-teacher, base_url: '{server.url}', mode: single, "
+                      "max_retries: 0}\ncriteria:\n  - {name: Quality, weight: 1, judge: Good.}\n")
+    rows = tmp_path / "rows.jsonl"
+    texts = ["GOOD answer", "bad answer", "FAILME answer", "GOOD too"]
+    rows.write_text("".join(json.dumps({"prompt": "Q?", "completion": t}) + "\n" for t in texts))
+    out = tmp_path / "a.json"
+    try:
+        code = main(["audit", str(rubric), "--data", str(rows), "--json", str(out)])
+    finally:
+        server.close()
+    report = {r["probe"]: r for r in json.loads(out.read_text())["results"]}
+    # The scripted teacher is honest where it answers ...
+    assert report["injection"]["verdict"] == "pass" and report["injection"]["value"] == 0.0
+    assert "scores unanswered (invalid reply: no JSON object found)" in report["injection"]["detail"]
+    assert report["consistency"]["metrics"]["unanswered"] == 2  # FAILME in the 2 fresh repeats
+    assert report["length"]["metrics"]["answers"] == 1  # FAILME (index 2) was the other padded one
+    # ... but the one group request holds FAILME too, so it never answers it: nothing to compare.
+    assert report["group_vs_single"]["verdict"] == "fail" and code == 1

@@ -147,17 +147,27 @@ def worst(verdicts) -> str:
 
 
 class ProbeFailed(Exception):
-    """The teacher returned no valid score for a probe's request."""
+    """The teacher returned no valid score that a probe could use."""
+
+
+def _usable(*columns) -> list[int]:
+    """Indices where every column has a score (the teacher may fail some)."""
+    return [i for i in range(len(columns[0])) if all(c[i] is not None for c in columns)]
 
 
 class Auditor:
-    """Runs probes against `teacher` (a Teacher; its usage counts the probes' requests)."""
+    """Runs probes against `teacher` (a Teacher; its usage counts the probes' requests).
+
+    A score the teacher fails to give (after its retries) leaves that completion out of the probe;
+    the result says how many were unanswered, and a probe with more unanswered than answered, or
+    with nothing left to measure, fails."""
 
     def __init__(self, teacher, repeats: int = 3, orders: int = 3, seed: int = 0):
         self.teacher = teacher
         self.repeats, self.orders = repeats, orders
         self.rng = random.Random(seed)
-        self._memo: dict[tuple, list[float]] = {}
+        self._memo: dict[tuple, list[float | None]] = {}
+        self.asked = self.unanswered = 0  # scores asked for by the current probe, and not given
 
     def forget(self) -> None:
         """Drop remembered scores (a training-time audit probes new completions each time)."""
@@ -167,42 +177,60 @@ class Auditor:
     def criteria(self) -> list[str]:
         return [c.name for c in self.teacher.criteria]
 
+    async def replies(self, group: Group, texts: list[str], grouped: bool | None = None) -> list[dict | None]:
+        replies = await self.teacher.judge_in_order(group.prompt, group.reference, texts, grouped=grouped)
+        self.asked += len(replies)
+        self.unanswered += sum(reply is None for reply in replies)
+        return replies
+
     async def scores(self, group: Group, texts: list[str], grouped: bool | None = None,
-                     fresh: bool = False) -> list[float]:
-        """Mean judge score of each text, shown in this order. A request already made is reused,
-        unless `fresh` (the consistency probe). Raises ProbeFailed when a score cannot be had."""
+                     fresh: bool = False) -> list[float | None]:
+        """Mean judge score of each text shown in this order (None where the teacher gave none). A
+        request already made is reused, unless `fresh` (the consistency probe)."""
         key = (group.prompt, group.reference, tuple(texts), grouped)
         if not fresh and key in self._memo:
             return self._memo[key]
-        replies = await self.teacher.judge_in_order(group.prompt, group.reference, texts, grouped=grouped)
-        if any(reply is None for reply in replies):
-            raise ProbeFailed(f"the teacher gave no valid score ({self.teacher.last_error or 'no reason given'})")
-        values = [float(np.mean([reply[name][0] for name in self.criteria])) for reply in replies]
+        values = [None if reply is None else float(np.mean([reply[name][0] for name in self.criteria]))
+                  for reply in await self.replies(group, texts, grouped)]
         self._memo[key] = values
         return values
 
     async def run(self, probe: str, groups: list[Group]) -> ProbeResult:
-        """One probe over `groups`; a teacher failure is a fail, saying why."""
+        """One probe over `groups`; a teacher that answers too little fails it, saying why."""
+        self.asked = self.unanswered = 0
+        why = lambda: self.teacher.last_error or "no reason given"  # noqa: E731
         try:
-            return await getattr(self, probe)(groups)
+            result = await getattr(self, probe)(groups)
         except ProbeFailed as err:
-            return ProbeResult(probe, "fail", math.nan, str(err))
+            return ProbeResult(probe, "fail", math.nan, f"{err} ({why()})")
+        if self.unanswered:
+            result.detail += f"; {self.unanswered} of {self.asked} scores unanswered ({why()})"
+            result.metrics["unanswered"] = self.unanswered
+            if 2 * self.unanswered > self.asked:
+                result.verdict = "fail"
+        return result
 
     async def injection(self, groups: list[Group]) -> ProbeResult:
-        gains, ceiling = [], 0
+        gains = []
         for group in groups:
             texts = group.completions
             base = await self.scores(group, texts)
-            target = int(np.argmin(base))
-            if base[target] >= 1.0:
-                ceiling += 1  # already at full score: it cannot rise
+            scored = _usable(base)
+            if not scored:
                 continue
+            target = min(scored, key=lambda i: base[i])
+            if base[target] >= 1.0:
+                continue  # already at full score: it cannot rise
             injected = list(texts)
             injected[target] = texts[target] + INJECTION
-            gains.append((await self.scores(group, injected))[target] - base[target])
+            after = (await self.scores(group, injected))[target]
+            if after is not None:
+                gains.append(after - base[target])
         if not gains:
-            return ProbeResult("injection", "skip", math.nan, "every group's lowest completion already has full "
-                                                               "score; nothing to raise")
+            if not self.unanswered:
+                return ProbeResult("injection", "skip", math.nan, "every group's lowest completion already has "
+                                                                   "full score; nothing to raise")
+            raise ProbeFailed("the teacher gave no valid score to compare")
         gain = float(np.mean(gains))
         raised = sum(g > LIMITS["injection"][0] for g in gains)
         return ProbeResult("injection", verdict(gain, LIMITS["injection"]), gain,
@@ -213,7 +241,7 @@ class Auditor:
     async def position(self, groups: list[Group]) -> ProbeResult:
         if not self._grouped:
             return ProbeResult("position", "skip", math.nan, "mode: single shows one answer at a time")
-        spreads, correlations, used, shown_orders = [], [], 0, 0
+        spreads, correlations, shown_orders = [], [], 0
         for group in groups:
             n = len(group.completions)
             if n < 2:
@@ -226,31 +254,37 @@ class Auditor:
             by_order = []
             for order in orders:
                 shown = await self.scores(group, [group.completions[i] for i in order])
-                scores = [0.0] * n
+                scores = [None] * n
                 for position, i in enumerate(order):
                     scores[i] = shown[position]
                 by_order.append(scores)
-            spread, r = position_stats(by_order, orders)
+            kept = _usable(*by_order)
+            if len(kept) < 2:
+                continue
+            spread, r = position_stats([[row[i] for i in kept] for row in by_order],
+                                       [[kept.index(i) for i in order if i in kept] for order in orders])
             shown_orders = max(shown_orders, len(orders))
             spreads.append(spread)
             correlations.append(r)
-            used += 1
-        if not used:
-            return ProbeResult("position", "skip", math.nan, "no group has two or more completions")
+        if not spreads:
+            if not self.unanswered:
+                return ProbeResult("position", "skip", math.nan, "no group has two or more completions")
+            raise ProbeFailed("the teacher gave too few valid scores to compare orders")
         spread, r = float(np.mean(spreads)), float(np.mean(correlations))
         return ProbeResult("position", position_verdict(spread, r), spread,
                            f"same group in {shown_orders} orders: mean score spread {spread:.2f}, "
-                           f"score vs position r = {r:+.2f} over {used} groups",
-                           {"mean_spread": spread, "correlation": r, "groups": used})
+                           f"score vs position r = {r:+.2f} over {len(spreads)} groups",
+                           {"mean_spread": spread, "correlation": r, "groups": len(spreads)})
 
     async def length(self, groups: list[Group]) -> ProbeResult:
         changes = []
         for group in groups:
             texts = group.completions
             base = await self.scores(group, texts)
-            padded = [pad(t) if i % 2 == 0 else t for i, t in enumerate(texts)]
-            after = await self.scores(group, padded)
-            changes += [after[i] - base[i] for i in range(0, len(texts), 2)]
+            after = await self.scores(group, [pad(t) if i % 2 == 0 else t for i, t in enumerate(texts)])
+            changes += [after[i] - base[i] for i in _usable(base, after) if i % 2 == 0]
+        if not changes:
+            raise ProbeFailed("the teacher gave no valid score to compare")
         change = float(np.mean(changes))
         return ProbeResult("length", verdict(abs(change), LIMITS["length"]), abs(change),
                            f"neutral filler doubling the length: mean score change {change:+.2f} over "
@@ -262,7 +296,12 @@ class Auditor:
             runs = [await self.scores(group, group.completions)]
             for _ in range(self.repeats - 1):
                 runs.append(await self.scores(group, group.completions, fresh=True))
-            stds += list(np.asarray(runs).std(axis=0))
+            for i in range(len(group.completions)):
+                values = [run[i] for run in runs if run[i] is not None]
+                if len(values) >= 2:
+                    stds.append(float(np.std(values)))
+        if not stds:
+            raise ProbeFailed("the teacher gave too few valid scores to compare repeats")
         std = float(np.mean(stds))
         return ProbeResult("consistency", verdict(std, LIMITS["consistency"]), std,
                            f"same request {self.repeats} times: mean score std {std:.3f} "
@@ -277,15 +316,13 @@ class Auditor:
         for group in labelled:
             # Shown in a random order, as training shuffles: a hand-ordered list would mix in position bias.
             order = self.rng.sample(range(len(group.completions)), len(group.completions))
-            shown = await self.teacher.judge_in_order(group.prompt, group.reference,
-                                                      [group.completions[i] for i in order])
-            if any(reply is None for reply in shown):
-                raise ProbeFailed(f"the teacher gave no valid score ({self.teacher.last_error or 'no reason given'})")
-            replies = [shown[order.index(i)] for i in range(len(order))]
-            for reply, wanted in zip(replies, group.expected):
-                for name, value in wanted.items():
+            shown = await self.replies(group, [group.completions[i] for i in order])
+            for position, i in enumerate(order):
+                if shown[position] is None:
+                    continue
+                for name, value in group.expected[i].items():
                     expected[name].append(value)
-                    got[name].append(reply[name][0])
+                    got[name].append(shown[position][name][0])
         parts, verdicts, metrics, maes = [], [], {}, []
         for name in self.criteria:
             if not expected[name]:
@@ -300,26 +337,31 @@ class Auditor:
                          if rho == rho else f"{name}: MAE {mae:.2f} ({len(expected[name])} examples, too few "
                                             "for a rank correlation)")
         if not verdicts:
+            if self.unanswered:
+                raise ProbeFailed("the teacher gave no valid score to compare")
             return ProbeResult("labels", "skip", math.nan, "no example scores a judge criterion")
         return ProbeResult("labels", worst(verdicts), float(max(maes)), "; ".join(parts), metrics)
 
     async def group_vs_single(self, groups: list[Group]) -> ProbeResult:
-        diffs, together_all, alone_all = [], [], []
+        together_all, alone_all, sized = [], [], False
         for group in groups:
             if len(group.completions) < 2:
                 continue
+            sized = True
             together = await self.scores(group, group.completions, grouped=True)
             alone = await self.scores(group, group.completions, grouped=False)
-            diffs += list(np.abs(np.subtract(together, alone)))
-            together_all += together
-            alone_all += alone
-        if not diffs:
+            kept = _usable(together, alone)
+            together_all += [together[i] for i in kept]
+            alone_all += [alone[i] for i in kept]
+        if not sized:
             return ProbeResult("group_vs_single", "skip", math.nan, "no group has two or more completions")
-        mae = float(np.mean(diffs))
+        if not together_all:
+            raise ProbeFailed("the teacher gave no valid score to compare")
+        mae = float(np.mean(np.abs(np.subtract(together_all, alone_all))))
         rho = spearman(together_all, alone_all)
         return ProbeResult("group_vs_single", verdict(mae, LIMITS["group_vs_single"]), mae,
                            f"scored in a group vs one at a time: MAE {mae:.2f}, Spearman {rho:+.2f} over "
-                           f"{len(diffs)} answers", {"mae": mae, "spearman": rho})
+                           f"{len(together_all)} answers", {"mae": mae, "spearman": rho})
 
     @property
     def _grouped(self) -> bool:
