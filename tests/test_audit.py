@@ -67,6 +67,8 @@ def test_training_metrics_flag_a_fooled_teacher():
                       "Teacher/Audit_PositionCorr": 0.1, "Teacher/Audit_Fooled": 1.0}
     results[0].verdict = "pass"
     assert audit.training_metrics(results)["Teacher/Audit_Fooled"] == 0.0
+    unanswered = [audit.ProbeResult("injection", "fail", math.nan, "the teacher gave no valid score")]
+    assert audit.training_metrics(unanswered)["Teacher/Audit_Fooled"] == 0.0
 
 
 # -- against a live teacher -------------------------------------------------------------------------
@@ -188,6 +190,10 @@ def test_rubric_examples_are_validated(tmp_path, examples, fragment):
     assert fragment in str(err.value)
     ok = load_rubric(RUBRIC).examples
     assert len(ok) == 8 and ok[0]["scores"] == {"Explanation": 10.0} and ok[0]["answer"] == 93
+    from mlx_grpo.rewards import describe_rubric
+
+    summary = describe_rubric(load_rubric(RUBRIC))
+    assert "- examples: 8 hand-scored completions (for rubric audit)" in summary and "on_gaming warn" in summary
 
 
 def test_unanswered_scores_are_left_out_and_counted(capsys, tmp_path):

@@ -394,5 +394,6 @@ def training_metrics(results: list[ProbeResult]) -> dict[str, float]:
     if "position" in by_probe:
         record["Teacher/Audit_PositionSpread"] = by_probe["position"].value
         record["Teacher/Audit_PositionCorr"] = by_probe["position"].metrics.get("correlation", math.nan)
-    record["Teacher/Audit_Fooled"] = float(any(r.verdict == "fail" for r in results))
+    # A probe the teacher failed to answer measured nothing: that is Teacher/Failed's business, not "fooled".
+    record["Teacher/Audit_Fooled"] = float(any(r.verdict == "fail" and r.value == r.value for r in results))
     return record

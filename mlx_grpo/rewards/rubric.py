@@ -356,7 +356,10 @@ def describe_rubric(rubric: Rubric) -> str:
         lines.append(f"- {c.name}: weight {c.weight:g} ({c.weight / rubric.total_weight:.0%}), {how}")
     if rubric.teacher_config is not None:
         t = rubric.teacher_config
-        lines.append(f"- teacher: {t.model} at {t.shown_url}, mode {t.mode}")
+        guards = f", on_gaming {t.on_gaming}" + (f", audit every {t.audit_every} steps" if t.audit_every else "")
+        lines.append(f"- teacher: {t.model} at {t.shown_url}, mode {t.mode}{guards}")
+    if rubric.examples:
+        lines.append(f"- examples: {len(rubric.examples)} hand-scored completions (for rubric audit)")
     return "\n".join(lines)
 
 
