@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="Training config YAML.")
     parser.add_argument("--resume", metavar="RUN_DIR|latest", help="Continue a previous run.")
     parser.add_argument("--no-wandb", action="store_true", help="Disable the W&B mirror.")
+    parser.add_argument("--force", action="store_true",
+                        help="Train even when the memory estimate is above 85%% of the machine's memory.")
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     for flag, (_, text) in SHORTHANDS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", metavar=flag.upper(), help=text)
@@ -198,7 +200,27 @@ def start_logging(cfg: Config, run_dir: Path, tb_dir: Path, resumed_at: int | No
     return hub
 
 
-def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
+def check_memory_fit(cfg: Config, model, tokenizer, items: list[dict], console, force: bool) -> dict:
+    """Estimate the step's peak memory before training; stop (UserInputError) above 85% of the
+    machine's memory unless `force`. Returns the estimate's scalars, logged with every step."""
+    from mlx_grpo import memory_fit
+
+    found = memory_fit.estimate(model, cfg, memory_fit.longest_prompt(tokenizer, items, cfg.data.system_prompt or None))
+    available, what = memory_fit.machine_memory()
+    record = memory_fit.estimate_record(found)
+    console.print(f"Memory estimate: {record['memory/estimated_peak_gb']:.2f} GB at the peak (rollout "
+                  f"{record['memory/estimated_rollout_gb']:.2f}, update {record['memory/estimated_update_gb']:.2f}) "
+                  f"of {available / 1024 ** 3:.1f} GB of {what}", soft_wrap=True)
+    problem = memory_fit.refusal(found, available, what)
+    if problem and not force:
+        raise UserInputError(problem)
+    if problem:
+        console.print(f"warning: {problem.replace(', or pass --force to try anyway', '')}; going on (--force)",
+                      soft_wrap=True, markup=False)
+    return record
+
+
+def run_training(cfg: Config, console, resume_dir: Path | None = None, force: bool = False) -> int:
     from rich.progress import Progress
 
     from mlx_grpo.distributed import init_world
@@ -232,6 +254,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
         with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
             model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
         console.print(f"Model: {model_dir}", soft_wrap=True)
+        memory_record = check_memory_fit(cfg, model, tokenizer, items, console, force)
         if world.is_main:
             resumed_at = prepare_run_dir(run_dir, checkpoint, console)
             hub = start_logging(cfg, run_dir, tb_dir, resumed_at, rubric, model_dir, console)
@@ -246,7 +269,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None) -> int:
                 # The trainer writes its own notices (rubric reloads, health) to the logs: console only here.
                 state = train(cfg, model, tokenizer, Prompts(items, eval_items), scorer, RunIO(
                     run_dir, hub, progress=progress_display(bar, cfg, console), watcher=RubricWatcher(rubric, items[0] if items else None),
-                    resume=checkpoint, should_stop=stop,
+                    resume=checkpoint, should_stop=stop, logged_with_every_step=memory_record,
                     notify=lambda text: console.print(text, soft_wrap=True, markup=False)), world)
             except (TeacherUnavailable, TrainingDiverged, UserInputError) as err:
                 # Adapters of the completed steps are saved by train(); say where and stop. A
@@ -348,12 +371,12 @@ def train_main(argv: list[str] | None = None) -> int:
             output_dir = overrides.get("train.output_dir", Config().train.output_dir)
             run_dir = resume_target(args.resume, output_dir)
             # The run's own config; the command line may change e.g. train.steps to go further.
-            return run_training(load_run_config(run_dir, overrides), console, resume_dir=run_dir)
+            return run_training(load_run_config(run_dir, overrides), console, resume_dir=run_dir, force=args.force)
         config_path = args.config
         if config_path == DEFAULT_CONFIG and not Path(config_path).exists():
             config_path = None  # run from outside the repo: built-in defaults are the demo
         cfg = load_config(config_path, overrides)
-        return run_training(cfg, console)
+        return run_training(cfg, console, force=args.force)
 
     return with_one_line_errors(run, debug="--debug" in argv)
 

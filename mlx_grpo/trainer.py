@@ -55,6 +55,7 @@ class RunIO:
     watcher: RubricWatcher | None = None  # hot-reloads the rubric file
     should_stop: Callable[[], bool] = lambda: False  # asked once per step; True stops cleanly (Ctrl-C)
     resume: Path | None = None  # a checkpoint directory to continue from
+    logged_with_every_step: dict = field(default_factory=dict)  # scalars for every record (the memory estimate)
 
 
 @dataclass
@@ -167,7 +168,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 current.scoring_time, eval_record, state.nonfinite_skips)
             seen = logger.gather(outcome)
             adapted = rollouts.adapt(current, seen)
-            logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited})
+            logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited, **run.logged_with_every_step})
 
             # 8. Checkpoint, and stop early when asked to (budget spent, Ctrl-C).
             if run_complete or state.stop_reason or (cfg.train.save_every and step % cfg.train.save_every == 0):
