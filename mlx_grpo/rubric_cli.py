@@ -68,16 +68,9 @@ def read_samples(args) -> tuple[list[dict], list[str]]:
     if args.jsonl:
         if args.prompt or args.completion:
             raise UserInputError("command line: give either --jsonl or --prompt/--completion, not both")
-        from mlx_grpo.data import load_jsonl
-
-        rows, _ = load_jsonl(args.jsonl)
-        for i, row in enumerate(rows, start=1):
-            if not isinstance(row.get("completion"), str):
-                raise UserInputError(f"{args.jsonl}: row {i} has no string 'completion' field")
         if args.limit < 0:
             raise UserInputError(f"command line: --limit must be >= 0, got {args.limit}")
-        rows = rows[:args.limit] if args.limit else rows
-        return [{k: v for k, v in row.items() if k != "completion"} for row in rows], [row["completion"] for row in rows]
+        return jsonl_samples(args.jsonl, args.limit)
     if not args.prompt or not args.completion:
         raise UserInputError("command line: give --prompt and at least one --completion, or --jsonl FILE")
     sample = {"prompt": args.prompt}
@@ -88,6 +81,18 @@ def read_samples(args) -> tuple[list[dict], list[str]]:
     if args.entry_point:
         sample["entry_point"] = args.entry_point
     return [sample] * len(args.completion), list(args.completion)
+
+
+def jsonl_samples(path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
+    """(sample, completion) pairs from rows with prompt and completion (the first `limit`; 0 = all)."""
+    from mlx_grpo.data import load_jsonl
+
+    rows, _ = load_jsonl(path)
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row.get("completion"), str):
+            raise UserInputError(f"{path}: row {i} has no string 'completion' field")
+    rows = rows[:limit] if limit else rows
+    return [{k: v for k, v in row.items() if k != "completion"} for row in rows], [row["completion"] for row in rows]
 
 
 def prompt_groups(samples: list[dict]) -> list[list[int]]:
@@ -231,8 +236,7 @@ def audit_groups(rubric, data: str | None, limit: int):
                        [e["completion"] for e in rubric.examples],
                        [{n: unit(n, v) for n, v in e["scores"].items()} for e in rubric.examples])
     if data:
-        samples, completions = read_samples(argparse.Namespace(jsonl=data, prompt=None, completion=[], limit=0))
-        probed = grouped(samples, completions)
+        probed = grouped(*jsonl_samples(data))
     elif examples:
         probed = examples
     else:
