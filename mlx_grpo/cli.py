@@ -206,6 +206,9 @@ def check_memory_fit(cfg: Config, model, tokenizer, items: list[dict], console, 
     from mlx_grpo import memory_fit
 
     found = memory_fit.estimate(model, cfg, memory_fit.longest_prompt(tokenizer, items, cfg.data.system_prompt or None))
+    if found is None:
+        console.print("Memory estimate: not available for this model's architecture (no fit check)")
+        return {}
     available, what = memory_fit.machine_memory()
     record = memory_fit.estimate_record(found)
     console.print(f"Memory estimate: {record['memory/estimated_peak_gb']:.2f} GB at the peak (rollout "

@@ -49,11 +49,13 @@ class MemoryEstimate:
         return max(self.rollout, self.update)
 
 
-def _shape(model) -> dict:
+def _shape(model) -> dict | None:
+    """The sizes the estimate needs, from an mlx-lm model's args; None where they are not there."""
     args = getattr(model, "args", None)
-    layers = len(model.layers) if hasattr(model, "layers") else getattr(args, "num_hidden_layers")
-    hidden = getattr(args, "hidden_size")
-    heads = getattr(args, "num_attention_heads")
+    hidden, heads = getattr(args, "hidden_size", None), getattr(args, "num_attention_heads", None)
+    if not hasattr(model, "layers") or not hidden or not heads or not getattr(args, "vocab_size", None):
+        return None
+    layers = len(model.layers)
     return {"layers": layers, "hidden": hidden, "intermediate": getattr(args, "intermediate_size", 4 * hidden),
             "kv_heads": getattr(args, "num_key_value_heads", None) or heads,
             "head_dim": getattr(args, "head_dim", None) or hidden // heads, "vocab": getattr(args, "vocab_size")}
@@ -80,10 +82,12 @@ def _lora_bytes(model, cfg) -> int:
     return total
 
 
-def estimate(model, cfg, prompt_tokens: int) -> MemoryEstimate:
+def estimate(model, cfg, prompt_tokens: int) -> MemoryEstimate | None:
     """The estimate for `cfg` on the loaded `model` (before its adapters are attached), for prompts
-    of up to `prompt_tokens` tokens."""
+    of up to `prompt_tokens` tokens; None for an architecture whose sizes cannot be read."""
     s = _shape(model)
+    if s is None:
+        return None
     act_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
     rows = cfg.rollout.batch_size * cfg.rollout.group_size
     kv_per_token = 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * act_bytes

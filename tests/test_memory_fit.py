@@ -73,3 +73,9 @@ def test_train_refuses_a_config_that_does_not_fit_unless_forced(tmp_path, monkey
     out = capsys.readouterr().out
     assert code == 0 and "going on (--force)" in out
     assert first_record(tmp_path / "b")["memory/estimated_peak_gb"] > 0.25
+
+
+def test_an_architecture_without_readable_sizes_gets_no_estimate():
+    model = make_tiny_model()
+    del model.args.vocab_size  # as a model whose args name their sizes differently
+    assert memory_fit.estimate(model, load_config(None, {}), 40) is None
