@@ -3,6 +3,12 @@
     uv run python scripts/bench.py            # every row (about 15 minutes on a 2-core CPU)
     uv run python scripts/bench.py --quick    # shorter runs of every row (about 3 minutes)
     uv run python scripts/bench.py --only rollout,backprop
+    uv run python scripts/bench.py --only rollout --before HEAD~1   # generation speed before and after
+
+--before REV also times the rollout row's demo shape (B = 1, G = 8) with the scripts and package of
+commit REV, checked out into a temporary git worktree and run with this environment, and reports
+this commit's generation tokens/s over REV's. Both run in this one invocation, so they share the
+machine's state; on a shared VM treat the ratio as +-15 %.
 
 Each script prints its own table and writes logs/bench/<name>-<time>.json; this one adds a summary
 of the ratios the project targets and writes logs/bench/summary-<time>.json. Nothing else may run
@@ -13,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +40,33 @@ def pick(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def targets(results: dict[str, dict]) -> list[dict]:
+DEMO_SHAPE = {"B": 1, "G": 8}  # the demo's rollout: one prompt, eight completions
+
+
+def rollout_at(rev: str, quick: bool) -> dict | None:
+    """bench_rollout.py's results for the demo shape as commit `rev` measures them, or None (printed why)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        added = subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT,
+                               capture_output=True, text=True)
+        if added.returncode != 0:
+            print(f"--before {rev}: git worktree add failed: {added.stderr.strip()}", flush=True)
+            return None
+        try:
+            # The worktree's own package first on the path, ahead of this checkout's editable install.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+            cmd = [sys.executable, str(tree / "scripts" / "bench_rollout.py"), "--sizes", "8", "--group-size", "8"]
+            begin = time.time()
+            if subprocess.run(cmd + (["--quick"] if quick else []), cwd=tree, env=env).returncode != 0:
+                print(f"--before {rev}: its bench_rollout.py failed", flush=True)
+                return None
+            files = [p for p in (tree / "logs" / "bench").glob("rollout-*.json") if p.stat().st_mtime >= begin]
+            return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text()) if files else None
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+
+
+def targets(results: dict[str, dict], before_rev: str | None = None) -> list[dict]:
     """One line per target of the performance issue: what was measured against what was aimed for."""
     lines = []
 
@@ -47,6 +81,13 @@ def targets(results: dict[str, dict]) -> list[dict]:
         add("rollout", f"ours / batch_generate at BxG={size}", big["x_batch_generate"], ">= 0.95",
             big["x_batch_generate"] >= 0.95)
         add("rollout", f"ours / single-stream at BxG={size}", big["x_single_stream"], ">= 6", big["x_single_stream"] >= 6)
+        demo = pick(ours, **DEMO_SHAPE)
+        before = results.get("rollout_before")
+        then = pick([r for r in before["rows"] if r["method"] == "generate_rollout"], **DEMO_SHAPE) if before else None
+        if demo and then:
+            ratio = demo["tok_s"] / then["tok_s"]
+            add("rollout", f"generation tok/s B1 G8: {demo['tok_s']:.1f} here / {then['tok_s']:.1f} at {before_rev}",
+                ratio, ">= 1.8", ratio >= 1.8)
     if backprop := results.get("backprop"):
         rows = {r["phase"]: r for r in backprop["rows"]}
         eager = rows["update (eager)"]
@@ -81,6 +122,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs of every benchmark")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    parser.add_argument("--before", metavar="REV", help="also time the demo rollout at commit REV (e.g. HEAD~1)")
     args = parser.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = sorted(set(chosen) - set(BENCHES))
@@ -99,15 +141,19 @@ def main(argv=None) -> int:
             print(f"bench_{name}.py failed (exit {code}); continuing", flush=True)
             continue
         results[name] = latest(name, begin)
+        if name == "rollout" and args.before:
+            print(f"\n=== rollout at {args.before} ===", flush=True)
+            if before := rollout_at(args.before, args.quick):
+                results["rollout_before"] = before
 
     info = machine()
-    lines = targets(results)
+    lines = targets(results, args.before)
     print_table(f"Targets ({info['processor']}, {info['backend']}, BLAS {info['blas']}, commit {info['commit']})",
                 lines, ["row", "measure", "value", "target", "met"])
     print("seconds per benchmark: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
           + f"; total {time.time() - started:.0f}")
-    write_results("summary", lines, {"quick": args.quick, "seconds": seconds})
-    return 0 if len(results) == len(chosen) else 1
+    write_results("summary", lines, {"quick": args.quick, "seconds": seconds, "before": args.before})
+    return 0 if all(name in results for name in chosen) else 1
 
 
 if __name__ == "__main__":
