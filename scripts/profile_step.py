@@ -6,7 +6,9 @@ Decode: the demo's rollout (LoRA rank 8 on every projection of every block, B x 
 middle of a completion. The whole step (model call and sampler) is timed, then each part alone at
 the same shapes: the projections' matmuls, the LoRA adapters' extra work, attention over the KV
 cache, the output head, the sampler. What is left is everything else (norms, RoPE, activations,
-residual adds, cache writes, dispatch). Each idea for a faster rollout saves at most its part:
+residual adds, cache writes, dispatch). The "in the step" rows time the step again with one part
+patched out (LoRA, RoPE, cache writes, attention, norms): what that part costs in place, which can
+exceed its time alone. Each idea for a faster rollout saves at most its part:
 merging LoRA into the weights saves at most the LoRA row, a cheaper sampler at most the sampler
 row. The lower-precision head rows show what a bf16 or 8-bit head costs on this backend.
 
@@ -23,15 +25,19 @@ the neighbours. Nothing else may run meanwhile.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from unittest import mock
 
 from bench_common import DEFAULT_MODEL, load_bench_model, machine, print_table, write_results  # noqa: I001
 from bench_blas import matmul_peak_gflops
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_grpo.adapters import apply_lora
 from mlx_grpo.config import load_config
@@ -63,6 +69,16 @@ def read_bandwidth_gb_s() -> float:
     return 3 * a.nbytes / (time.perf_counter() - start) / 1e9
 
 
+def elementwise_ns() -> dict[str, float]:
+    """ns per element of a multiply and of the transcendental ops that softmax, SiLU and the
+    sampler are made of, on 4M float32 elements: how far this backend's element-wise kernels are
+    from the memory-bound multiply."""
+    x = mx.random.normal((4_000_000,))
+    ops = {"multiply": lambda: x * 1.5, "exp": lambda: mx.exp(x), "sigmoid": lambda: mx.sigmoid(x),
+           "log": lambda: mx.log(mx.abs(x) + 1)}
+    return {name: best_ms(fn, 3) * 1e6 / x.size for name, fn in ops.items()}
+
+
 def projections(model) -> list[tuple[str, object]]:
     """(name, LoRALinear) of every adapted projection of block 0; every block has the same."""
     return [(name, m) for name, m in model.model.layers[0].named_modules() if hasattr(m, "lora_a")]
@@ -89,6 +105,10 @@ def decode_profile(model, rows: int, context: int, repeats: int) -> list[dict]:
         return sampler(logprobs), logprobs
 
     parts = {"whole decode step": (best_ms(step, repeats), 1, None, None)}
+    in_step = {}
+    for part, patch in in_step_skips(model, cache).items():
+        with patch:
+            in_step[part] = parts["whole decode step"][0] - best_ms(step, repeats)
     weight_bytes = 0
     for name, lora in projections(model):
         w = lora.linear.weight
@@ -129,6 +149,10 @@ def decode_profile(model, rows: int, context: int, repeats: int) -> list[dict]:
     for part, (ms, count, gflops, gbs) in merged.items():
         rows_out.append({"phase": f"decode, {rows} rows, context {context}", "part": part, "ms": ms,
                          "share_pct": 100 * ms / total, "count": count, "gflop_s": gflops, "gb_s": gbs})
+    for part, saved in in_step.items():
+        rows_out.append({"phase": f"decode, {rows} rows, context {context}", "part": f"in the step: {part}",
+                         "ms": saved, "share_pct": 100 * saved / total,
+                         "note": "the step's time with this part, less without it"})
     # What a lower-precision head would cost here (the head is a plain matmul, so it stands for them all).
     for label, fn in (("output head in bf16", (lambda e=embed.astype(mx.bfloat16), hb=h.astype(mx.bfloat16): hb @ e.T)),
                       ("output head 8-bit quantized", _quantized_head(embed, h))):
@@ -136,6 +160,28 @@ def decode_profile(model, rows: int, context: int, repeats: int) -> list[dict]:
         rows_out.append({"phase": f"decode, {rows} rows, context {context}", "part": label, "ms": ms,
                          "share_pct": 100 * ms / total, "count": 1, "note": f"{ms / head_ms:.1f}x the fp32 head"})
     return rows_out
+
+
+def _skip_cache_write(self, keys, values):
+    """KVCache.update_and_fetch without the write: the same slices come back, so attention still
+    reads a context of the same length."""
+    self.offset += keys.shape[2]
+    return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+
+def in_step_skips(model, cache) -> dict[str, object]:
+    """Patches that each drop one part from the model's own decode step, keeping every shape.
+    What a part costs in place can exceed its time alone: in the step its inputs come cold
+    from memory, and it queues behind the ops before it."""
+    model_module = sys.modules[type(model.model).__module__]
+    return {
+        "LoRA adapters' extra work": mock.patch.object(LoRALinear, "__call__", lambda self, x: self.linear(x)),
+        "RoPE": mock.patch.object(nn.RoPE, "__call__", lambda self, x, offset=0: x),
+        "KV cache writes": mock.patch.object(type(cache[0]), "update_and_fetch", _skip_cache_write),
+        "attention (sdpa)": mock.patch.object(model_module, "scaled_dot_product_attention",
+                                              lambda queries, keys, values, **kw: queries),
+        "RMS norms": mock.patch.object(nn.RMSNorm, "__call__", lambda self, x: x),
+    }
 
 
 def _quantized_head(embed, h):
@@ -236,6 +282,7 @@ def main(argv=None) -> int:
     model.eval()
 
     bandwidth = read_bandwidth_gb_s()
+    per_element = elementwise_ns()
     peak = matmul_peak_gflops(args.quick)
     rows = decode_profile(model, args.rows, args.prompt_len + args.completion // 2, repeats)
     model.train()
@@ -244,7 +291,10 @@ def main(argv=None) -> int:
     info = machine()
     print_table(f"Where the time goes ({args.model}, fp32, {info['backend']}, BLAS {info['blas']})", rows, COLUMNS)
     print(f"memory read bandwidth (numpy sum) {bandwidth:.1f} GB/s; large-matmul peak {peak:.0f} GFLOP/s")
-    write_results("profile", rows, vars(args) | {"read_bandwidth_gb_s": bandwidth, "matmul_peak_gflops": peak})
+    print("element-wise ns per float32 element: "
+          + ", ".join(f"{name} {ns:.2f}" for name, ns in per_element.items()))
+    write_results("profile", rows, vars(args) | {"read_bandwidth_gb_s": bandwidth, "matmul_peak_gflops": peak,
+                                                 "elementwise_ns_per_element": per_element})
     return 0
 
 
