@@ -76,6 +76,23 @@ def load_bench_model(path: str = DEFAULT_MODEL, dtype: str = "float32"):
     return model, tokenizer, resolved
 
 
+def load_lora_bench_model(path: str = DEFAULT_MODEL):
+    """load_bench_model's model with the demo's adapters (LoRA rank 8 on every projection of every
+    block), made non-zero as after a few updates; B starts at zero, which changes no timing but
+    would make a merged or unmerged sampler trivially the same."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_grpo.adapters import apply_lora
+
+    model, tokenizer, resolved = load_bench_model(path)
+    apply_lora(model, rank=8, alpha=16.0, dropout=0.0, num_layers=-1)
+    for lora in [m for m in model.modules() if isinstance(m, LoRALinear)]:
+        lora.lora_b = mx.random.normal(lora.lora_b.shape) * 1e-3
+    mx.eval(model.parameters())
+    model.eval()
+    return model, tokenizer, resolved
+
+
 def bench_prompts(tokenizer, count: int, seed: int = 0) -> tuple[list[list[int]], list[dict]]:
     """`count` arithmetic prompts (token ids through the chat template) and their samples."""
     from mlx_grpo.data import build_prompt_tokens

@@ -26,14 +26,13 @@ import contextlib
 import statistics
 from unittest import mock
 
-from bench_common import DEFAULT_MODEL, bench_prompts, load_bench_model, print_table, write_results  # noqa: I001
+from bench_common import DEFAULT_MODEL, bench_prompts, load_lora_bench_model, print_table, write_results  # noqa: I001
 
 import mlx.core as mx
 from mlx_lm.models import llama
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlx_grpo.adapters import apply_lora
 from mlx_grpo.rollout import generate_rollout
 
 COLUMNS = ["idea", "tok_s", "x_plain", "runs", "same_tokens", "max_logprob_diff"]
@@ -111,12 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
 
-    model, tokenizer, _ = load_bench_model(args.model)
-    apply_lora(model, rank=8, alpha=16.0, dropout=0.0, num_layers=-1)
-    for lora in [m for m in model.modules() if isinstance(m, LoRALinear)]:
-        lora.lora_b = mx.random.normal(lora.lora_b.shape) * 1e-3  # as after a few updates
-    mx.eval(model.parameters())
-    model.eval()
+    model, tokenizer, _ = load_lora_bench_model(args.model)
     prompts, _ = bench_prompts(tokenizer, 1)
 
     def rollout(idea: str, tokens: int, seed: int):
@@ -133,11 +127,12 @@ def main(argv=None) -> int:
             rates[idea].append(rollout(idea, args.max_new_tokens, run).tokens_per_sec)
             print(f"run {run + 1}/{args.repeats} {idea}: {rates[idea][-1]:.1f} tok/s", flush=True)
 
-    reference = rollout("plain rollout", args.max_new_tokens, 1234)
+    # The same seed for every idea; the plain rollout comes first in IDEAS and is the reference.
+    same_seed = {idea: rollout(idea, args.max_new_tokens, 1234) for idea in IDEAS}
+    reference = same_seed["plain rollout"]
     plain = statistics.median(rates["plain rollout"])
     rows = []
-    for idea in IDEAS:
-        same = rollout(idea, args.max_new_tokens, 1234)
+    for idea, same in same_seed.items():
         diff = max(abs(a - b) for ra, rb in zip(same.logprobs, reference.logprobs) for a, b in zip(ra, rb))
         rows.append({"idea": idea, "tok_s": statistics.median(rates[idea]),
                      "x_plain": statistics.median(rates[idea]) / plain, "runs": args.repeats,

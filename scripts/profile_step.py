@@ -29,7 +29,7 @@ import sys
 import time
 from unittest import mock
 
-from bench_common import DEFAULT_MODEL, load_bench_model, machine, print_table, write_results  # noqa: I001
+from bench_common import DEFAULT_MODEL, load_lora_bench_model, machine, print_table, write_results  # noqa: I001
 from bench_blas import matmul_peak_gflops
 
 import mlx.core as mx
@@ -39,7 +39,6 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlx_grpo.adapters import apply_lora
 from mlx_grpo.config import load_config
 from mlx_grpo.policy import build_optimizer, make_grad_fn, update_policy
 from mlx_grpo.rollout import to_train_batch
@@ -81,7 +80,7 @@ def elementwise_ns() -> dict[str, float]:
 
 def projections(model) -> list[tuple[str, object]]:
     """(name, LoRALinear) of every adapted projection of block 0; every block has the same."""
-    return [(name, m) for name, m in model.model.layers[0].named_modules() if hasattr(m, "lora_a")]
+    return [(name, m) for name, m in model.model.layers[0].named_modules() if isinstance(m, LoRALinear)]
 
 
 def decode_profile(model, rows: int, context: int, repeats: int) -> list[dict]:
@@ -115,17 +114,21 @@ def decode_profile(model, rows: int, context: int, repeats: int) -> list[dict]:
             with patch:
                 saved.append(with_part - best_ms(step, 1))
         in_step[part] = float(np.median(saved))
-    weight_bytes = 0
-    for name, lora in projections(model):
+    weight_bytes, matmul_ms, lora_ms = 0, 0.0, 0.0
+    adapted = projections(model)
+    for name, lora in adapted:
         # Every block's own weights, as the step reads them: one block's weights timed 30 times
         # would sit in cache and measure faster than the step can go.
         every_block = [dict(b.named_modules())[name] for b in model.model.layers]
-        w = lora.linear.weight
-        x = mx.random.normal((rows, 1, w.shape[1]))
+        x = mx.random.normal((rows, 1, lora.linear.weight.shape[1]))
         ms = best_ms(lambda: [m.linear(x) for m in every_block], repeats)
-        weight_bytes += w.nbytes * layers
-        parts[f"matmul {name}"] = (ms, layers, 2 * rows * w.size * layers / ms / 1e6, w.nbytes * layers / ms / 1e6)
-        parts[f"LoRA extra {name}"] = (best_ms(lambda: [m(x) for m in every_block], repeats) - ms, layers, None, None)
+        matmul_ms += ms
+        lora_ms += best_ms(lambda: [m(x) for m in every_block], repeats) - ms
+        weight_bytes += lora.linear.weight.nbytes * layers
+    count = len(adapted) * layers
+    parts[f"matmul ({len(adapted)} projections x {layers} blocks)"] = (
+        matmul_ms, count, 2 * rows * weight_bytes / 4 / matmul_ms / 1e6, weight_bytes / matmul_ms / 1e6)
+    parts[f"LoRA extra ({len(adapted)} x {layers})"] = (lora_ms, count, None, None)
     q = mx.random.normal((rows, heads, 1, head_dim))
     k = mx.random.normal((rows, kv_heads, context, head_dim))
     v = mx.random.normal((rows, kv_heads, context, head_dim))
@@ -141,19 +144,10 @@ def decode_profile(model, rows: int, context: int, repeats: int) -> list[dict]:
         best_ms(lambda: sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)), repeats), 1, None, None)
 
     total = parts["whole decode step"][0]
+    accounted = sum(v[0] for k, v in parts.items() if k != "whole decode step")
+    parts["everything else (norms, RoPE, activations, adds, cache, dispatch)"] = (total - accounted, None, None, None)
     rows_out = []
-    merged = {"whole decode step": parts["whole decode step"]}
-    for label in ("matmul", "LoRA extra"):
-        picked = {k: v for k, v in parts.items() if k.startswith(label + " ")}
-        ms = sum(v[0] for v in picked.values())
-        merged[f"{label} (7 projections x {layers} blocks)" if label == "matmul" else f"{label} ({len(picked)} x {layers})"] = (
-            ms, len(picked) * layers,
-            2 * rows * weight_bytes / 4 / ms / 1e6 if label == "matmul" else None,
-            weight_bytes / ms / 1e6 if label == "matmul" else None)
-    merged.update({k: v for k, v in parts.items() if not k.startswith(("matmul ", "LoRA extra ", "whole"))})
-    accounted = sum(v[0] for k, v in merged.items() if k != "whole decode step")
-    merged["everything else (norms, RoPE, activations, adds, cache, dispatch)"] = (total - accounted, None, None, None)
-    for part, (ms, count, gflops, gbs) in merged.items():
+    for part, (ms, count, gflops, gbs) in parts.items():
         rows_out.append({"phase": f"decode, {rows} rows, context {context}", "part": part, "ms": ms,
                          "share_pct": 100 * ms / total, "count": count, "gflop_s": gflops, "gb_s": gbs})
     for part, saved in in_step.items():
@@ -280,13 +274,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
 
-    model, tokenizer, _ = load_bench_model(args.model)
-    apply_lora(model, rank=8, alpha=16.0, dropout=0.0, num_layers=-1)
-    # Non-zero adapters, as after a few updates (B starts at zero, which changes no timing anyway).
-    for _, lora in [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_b")]:
-        lora.lora_b = mx.random.normal(lora.lora_b.shape) * 1e-3
-    mx.eval(model.parameters())
-    model.eval()
+    model, tokenizer, _ = load_lora_bench_model(args.model)
 
     bandwidth = read_bandwidth_gb_s()
     per_element = elementwise_ns()
