@@ -229,7 +229,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None, force: bo
     from mlx_grpo.distributed import init_world
     from mlx_grpo.evaluate import held_out_items
     from mlx_grpo.metrics import MetricsHub
-    from mlx_grpo.models import load_model
+    from mlx_grpo.models import check_model, load_model
     from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable
     from mlx_grpo.trainer import Prompts, RunIO, TrainingDiverged, train
 
@@ -257,6 +257,7 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None, force: bo
         with console.status(f"Loading {cfg.model.path} ({cfg.model.dtype})..."):
             model, tokenizer, model_dir = load_model(cfg.model.path, cfg.model.dtype)
         console.print(f"Model: {model_dir}", soft_wrap=True)
+        check_model(model)  # an architecture that cannot train exactly stops here, in one line
         memory_record = check_memory_fit(cfg, model, tokenizer, items, console, force)
         if world.is_main:
             resumed_at = prepare_run_dir(run_dir, checkpoint, console)

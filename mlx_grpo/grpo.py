@@ -1,4 +1,6 @@
-"""Pure GRPO math: advantages, completion log-probs, the clipped surrogate loss, KL and clip statistics.
+"""Pure GRPO math: advantages, the clipped surrogate loss, KL, clip statistics and the sampler gap.
+
+The log-probs it works on come from the model in forward.py.
 
 Everything here takes mlx arrays and returns mlx arrays. No model state is kept and nothing is
 logged; the trainer decides what to do with the numbers.
@@ -16,10 +18,8 @@ Conventions
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from mlx_grpo.forward import shared_prompt_hidden
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -165,106 +165,6 @@ def zero_std_groups(rewards: mx.array, group_size: int, valid: mx.array | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# Log-probs of the sampled completion tokens
-
-
-def _output_head(model: nn.Module) -> tuple[nn.Module, callable]:
-    """(module owning the head weights, function hidden -> logits) for mlx-lm llama/qwen2-style models."""
-    args = getattr(model, "args", None)
-    tied = getattr(args, "tie_word_embeddings", None)
-    if hasattr(model, "lm_head") and not tied:
-        return model.lm_head, model.lm_head
-    embed = model.model.embed_tokens
-    return embed, embed.as_linear
-
-
-def completion_logprobs(
-    model: nn.Module,
-    tokens: mx.array,
-    prompt_lengths: mx.array,
-    completion_length: int,
-    chunk_size: int = 32,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    group_size: int = 1,
-    return_varentropy: bool = False,
-) -> mx.array | tuple[mx.array, ...]:
-    """float32 (N, C) log p(tokens[i, p_i + j] | tokens[i, :p_i + j]) for j in [0, C).
-
-    tokens: int32 (N, T), each row = prompt, completion, right padding (the model has no attention
-    mask, so right padding cannot affect earlier positions). prompt_lengths: int (N,), each >= 1.
-    Positions past T are clamped to T - 1; the caller masks them.
-
-    Memory: only the (N, T, hidden) body output is kept; the head runs on chunk_size completion
-    positions at a time, so at most N * chunk_size * vocab logits exist at once. Each chunk is
-    wrapped in a checkpoint, so under a gradient transform the backward pass recomputes a
-    chunk's logits instead of keeping every chunk's logits alive.
-    temperature: divide logits by it (to match a sampler that used temperature != 1).
-    return_entropy: also return the per-token entropy (N, C) of the (tempered) distribution.
-    return_varentropy: return the entropy and also the varentropy (N, C), the variance of log p
-    over the distribution: sum p (log p)^2 - H^2.
-    group_size: when > 1, consecutive rows in groups of this size share their prompt, which is then
-    run once per group (G times less prompt work); not under mx.compile, which cannot read the
-    prompt lengths.
-    """
-    n, t = tokens.shape
-    c = int(completion_length)
-    p = prompt_lengths.astype(mx.int32).reshape(n, 1)
-    j = mx.arange(c, dtype=mx.int32).reshape(1, c)
-    # The hidden state at position k predicts token k + 1.
-    src = mx.clip(p - 1 + j, 0, t - 1)
-    tgt_pos = mx.clip(p + j, 0, t - 1)
-    targets = mx.take_along_axis(tokens, tgt_pos, axis=1)
-
-    if group_size > 1:
-        hidden = shared_prompt_hidden(model, tokens, prompt_lengths.tolist(), c, group_size)
-    else:
-        hidden = model.model(tokens)  # (N, T, H), final-normed
-        hidden = mx.take_along_axis(hidden, src[..., None], axis=1)  # (N, C, H)
-
-    head_module, head = _output_head(model)
-    inv_t = 1.0 / float(temperature)
-    return_entropy = return_entropy or return_varentropy
-
-    def chunk_fn(h, ids):
-        logits = head(h).astype(mx.float32)
-        if inv_t != 1.0:
-            logits = logits * inv_t
-        lse = mx.logsumexp(logits, axis=-1)
-        # ids are integer inputs of the checkpoint: stop_gradient so its VJP skips them.
-        ids = mx.stop_gradient(ids)
-        lp = mx.take_along_axis(logits, ids[..., None], axis=-1).squeeze(-1) - lse
-        if not return_entropy:
-            return lp
-        # H = lse - sum p * logit; cheap because the chunk's logits already exist. It is a
-        # statistic: stop_gradient keeps the backward pass from differentiating it.
-        z = mx.stop_gradient(logits)
-        probs = mx.softmax(z, axis=-1)
-        ent = mx.stop_gradient(lse) - (probs * z).sum(axis=-1)
-        if not return_varentropy:
-            return lp, ent
-        log_p = z - mx.stop_gradient(lse)[..., None]
-        return lp, ent, (probs * log_p * log_p).sum(axis=-1) - ent * ent
-
-    # Checkpoint w.r.t. the head's (trainable) parameters as well as the chunk inputs.
-    chunk_fn = nn.utils.checkpoint(head_module, chunk_fn)
-
-    step = max(1, int(chunk_size))
-    chunks = []  # per chunk: (log-probs,) or (log-probs, entropy[, varentropy])
-    for s in range(0, c, step):
-        h = hidden[:, s : s + step]
-        if chunks:
-            # Order the chunks, so the lazy graph frees one chunk's logits before the next.
-            h = mx.depends(h, chunks[-1][0])
-        out = chunk_fn(h, targets[:, s : s + step])
-        chunks.append(out if isinstance(out, tuple) else (out,))
-    width = 1 + return_entropy + return_varentropy
-    columns = [mx.concatenate([ch[k] for ch in chunks], axis=1) if chunks else mx.zeros((n, 0), dtype=mx.float32)
-               for k in range(width)]
-    return columns[0] if width == 1 else tuple(columns)
-
-
-# ---------------------------------------------------------------------------------------------
 # Loss
 
 
@@ -305,6 +205,23 @@ def top_entropy_mask(entropy: mx.array, mask: mx.array, quantile: float) -> mx.a
     batch's real tokens (at or above the (1 - quantile) quantile), 0 elsewhere."""
     threshold = masked_quantile(entropy, mask, 1.0 - quantile)
     return ((entropy >= threshold) & (mask > 0)).astype(mx.float32)
+
+
+def rollout_logprob_gap(trainer_logprobs: mx.array, sampler_logprobs: mx.array, mask: mx.array) -> dict[str, float]:
+    """How far the trainer's log-probs of the sampled tokens are from the sampler's, at the weights
+    that sampled them: max and mean over the real tokens of |trainer - sampler| (in nats), and of
+    |p_trainer - p_sampler| (verl's rollout_probs_diff). Both compute the same distribution, so a
+    gap beyond rounding means the update follows a different policy from the one that sampled."""
+    on = mask > 0
+    if not bool(on.any().item()):
+        return {}
+    trainer, sampler = trainer_logprobs.astype(mx.float32), sampler_logprobs.astype(mx.float32)
+    log_gap = mx.where(on, mx.abs(trainer - sampler), 0.0)
+    prob_gap = mx.where(on, mx.abs(mx.exp(trainer) - mx.exp(sampler)), 0.0)
+    return {"training/rollout_logprob_diff_max": log_gap.max().item(),
+            "training/rollout_logprob_diff_mean": masked_mean(log_gap, mask).item(),
+            "training/rollout_probs_diff_max": prob_gap.max().item(),
+            "training/rollout_probs_diff_mean": masked_mean(prob_gap, mask).item()}
 
 
 def truncated_importance_weights(old_logprobs: mx.array, sampled_logprobs: mx.array, mask: mx.array,

@@ -120,6 +120,17 @@ def resolve_model_path(path: str, dtype: str = "float32") -> str:
     return str(where)
 
 
+def check_model(model) -> None:
+    """Refuse, in one line (UserInputError), a model that cannot train exactly: its own forward
+    pass fails, or mlx-lm cannot generate with it. The checks pick the fast paths that are exact
+    for it; the trainer repeats the cheap log-prob check once its adapters are attached."""
+    from mlx_grpo.forward import check_logprob_path
+    from mlx_grpo.rollout import check_generation
+
+    check_logprob_path(model)
+    check_generation(model)
+
+
 def load_model(path: str, dtype: str = "float32"):
     """(model, TokenizerWrapper, resolved dir or HF id) for any supported `path`.
 

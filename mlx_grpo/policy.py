@@ -19,7 +19,7 @@ from mlx.utils import tree_map
 from mlx_grpo import grpo
 from mlx_grpo.config import Config
 from mlx_grpo.distributed import World
-from mlx_grpo.forward import checkpoint_blocks
+from mlx_grpo.forward import FAST_PATH, LogprobPath, check_logprob_path, checkpoint_blocks, completion_logprobs
 from mlx_grpo.adapters import adapters_disabled, apply_lora, has_lora, prepare_full_finetune, save_adapters
 from mlx_grpo.rollout import TrainBatch
 
@@ -55,36 +55,35 @@ def prepare_trainable(model, cfg: Config) -> dict:
 
 
 def batch_logprobs(model, batch: TrainBatch, cfg: Config, return_entropy: bool = False,
-                   return_varentropy: bool = False):
+                   return_varentropy: bool = False, path: LogprobPath = FAST_PATH):
     rows, G = batch.tokens.shape[0], cfg.rollout.group_size
     # Rows come in whole groups that share a prompt: run each prompt once (not under compile,
     # which would need the prompt lengths as constants).
     shared = cfg.grpo.share_prompt_pass and not cfg.optim.compile and G > 1 and rows % G == 0
-    return grpo.completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
-                                    chunk_size=cfg.grpo.logprob_chunk_size, return_entropy=return_entropy,
-                                    return_varentropy=return_varentropy,
-                                    group_size=G if shared else 1)
+    return completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
+                               chunk_size=cfg.grpo.logprob_chunk_size, return_entropy=return_entropy,
+                               return_varentropy=return_varentropy, group_size=G if shared else 1, path=path)
 
 
-def reference_logprobs(model, batch: TrainBatch, cfg: Config, base_params) -> mx.array:
+def reference_logprobs(model, batch: TrainBatch, cfg: Config, path: LogprobPath, base_params) -> mx.array:
     """Log-probs under the reference policy: the base model, without a second copy for LoRA."""
     if has_lora(model):
         with adapters_disabled(model):
-            return mx.stop_gradient(batch_logprobs(model, batch, cfg))
+            return mx.stop_gradient(batch_logprobs(model, batch, cfg, path=path))
     current = model.trainable_parameters()
     model.update(base_params)  # full fine-tune: swap the frozen initial weights in and back
     try:
-        return mx.stop_gradient(batch_logprobs(model, batch, cfg))
+        return mx.stop_gradient(batch_logprobs(model, batch, cfg, path=path))
     finally:
         model.update(current)
 
 
-def make_loss_fn(cfg: Config):
+def make_loss_fn(cfg: Config, path: LogprobPath = FAST_PATH):
     g = cfg.grpo
 
     def loss_fn(model, batch: TrainBatch, advantages, old_logprobs, ref_logprobs):
         # The entropy comes almost free from the logits this pass computes anyway.
-        logprobs, entropy = batch_logprobs(model, batch, cfg, return_entropy=True)
+        logprobs, entropy = batch_logprobs(model, batch, cfg, return_entropy=True, path=path)
         # With one pass (mu = 1) the sampling policy is the current one: ratio == 1, but its
         # gradient is the policy gradient, so the old log-probs are the detached current ones.
         old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
@@ -103,14 +102,14 @@ def make_loss_fn(cfg: Config):
     return loss_fn
 
 
-def make_grad_fn(model, cfg: Config):
+def make_grad_fn(model, cfg: Config, path: LogprobPath = FAST_PATH):
     """(model, batch, advantages, old, ref) -> ((loss, stats), grads), compiled when optim.compile is set.
 
     The compiled step takes the model's state (and the random state, for LoRA dropout) as implicit
     inputs and outputs: the weights are then real inputs of the graph rather than constants baked
     into it, which is what keeps LoRA gradients from silently coming out as zero.
     """
-    loss_and_grad = nn.value_and_grad(model, make_loss_fn(cfg))
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(cfg, path))
     if not cfg.optim.compile:
         return loss_and_grad
     state = [model.state, mx.random.state]
@@ -143,7 +142,7 @@ class OffPolicyWeights:
     stats: dict[str, float]
 
 
-def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params,
+def frozen_logprobs(model, cfg: Config, path: LogprobPath, batch: TrainBatch, base_params,
                     sampled=None) -> tuple[list, list, OffPolicyWeights | None]:
     """Old-policy and reference log-probs per micro-batch, fixed before the update starts, and
     the off-policy weights of a late batch when grpo.tis_cap is on (else None).
@@ -160,14 +159,14 @@ def frozen_logprobs(model, cfg: Config, batch: TrainBatch, base_params,
     if sampled is not None and g.tis_cap == 0:
         old = [sampled[a:b] for a, b in ranges]
     elif sampled is not None or g.num_iterations > 1:  # only needed when the weights move between passes
-        old = [mx.stop_gradient(batch_logprobs(model, m, cfg)) for m in parts]
+        old = [mx.stop_gradient(batch_logprobs(model, m, cfg, path=path)) for m in parts]
     else:
         old = [None] * len(parts)
     if sampled is not None and g.tis_cap > 0:
         weights, stats = grpo.truncated_importance_weights(mx.concatenate(old), sampled, batch.mask, g.tis_cap)
         mx.eval(weights, stats)
         off_policy = OffPolicyWeights(weights, {key: value.item() for key, value in stats.items()})
-    ref = [reference_logprobs(model, m, cfg, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
+    ref = [reference_logprobs(model, m, cfg, path, base_params) for m in parts] if g.beta > 0 else [None] * len(parts)
     mx.eval(old, ref)
     return old, ref, off_policy
 
@@ -226,14 +225,16 @@ class Policy:
     def __init__(self, model, cfg: Config, world: World = World()):
         self.model, self.cfg, self.world = model, cfg, world
         self.adapter_config = prepare_trainable(model, cfg)
+        # Which fast log-prob paths reproduce the model's own forward, checked as it will train.
+        self.logprob_path = check_logprob_path(model)
         self.base_params = None
         if cfg.grpo.beta > 0 and not has_lora(model):
             self.base_params = tree_map(lambda p: mx.array(p), model.trainable_parameters())
         self.optimizer = build_optimizer(cfg)
-        self.loss_and_grad = make_grad_fn(model, cfg)
+        self.loss_and_grad = make_grad_fn(model, cfg, self.logprob_path)
 
     def frozen_logprobs(self, batch: TrainBatch, sampled=None) -> tuple[list, list, OffPolicyWeights | None]:
-        return frozen_logprobs(self.model, self.cfg, batch, self.base_params, sampled)
+        return frozen_logprobs(self.model, self.cfg, self.logprob_path, batch, self.base_params, sampled)
 
     def update(self, batch: TrainBatch, advantages, old, ref, local: bool = True,
                off_policy: OffPolicyWeights | None = None) -> dict:
@@ -245,9 +246,22 @@ class Policy:
 
     def token_entropy(self, batch: TrainBatch) -> tuple[mx.array, mx.array]:
         """(N, C) entropy and varentropy of each completion position under the current weights."""
-        _, entropy, varentropy = batch_logprobs(self.model, batch, self.cfg, return_varentropy=True)
+        _, entropy, varentropy = batch_logprobs(self.model, batch, self.cfg, return_varentropy=True,
+                                                 path=self.logprob_path)
         mx.eval(entropy, varentropy)
         return entropy, varentropy
+
+    def sampler_gap(self, batch: TrainBatch, sampled: mx.array, old: list) -> dict[str, float]:
+        """training/rollout_* : the trainer's log-probs of the batch against the sampler's, at the
+        weights that sampled it (call before the update). The frozen old-policy log-probs are reused
+        when they were computed; otherwise this is one forward pass without gradients."""
+        if any(o is None for o in old):
+            trainer = mx.concatenate([mx.stop_gradient(batch_logprobs(self.model, batch.rows(a, b), self.cfg,
+                                                                      path=self.logprob_path))
+                                      for a, b in micro_batches(self.cfg, batch)])
+        else:
+            trainer = mx.concatenate(old)
+        return grpo.rollout_logprob_gap(trainer, sampled, batch.mask)
 
     @property
     def learning_rate(self) -> float:

@@ -8,12 +8,16 @@ to stop).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+
+from mlx_grpo.errors import UserInputError
+from mlx_grpo.forward import logprob_tolerance, model_name, own_logprobs
 
 
 @dataclass
@@ -61,6 +65,58 @@ def _prefill(model, prompt: list[int]) -> list:
     return cache
 
 
+# id(model) -> {shared prefill?: rows decoded together (0 = all, 1 = one at a time), for each kind
+# of prefill that works}. Decided once per model by check_generation.
+_DECODE_MODES: dict[int, dict[bool, int]] = {}
+
+
+def check_generation(model) -> str:
+    """Check that mlx-lm's batched decoding reproduces the model's own forward, and choose how it
+    runs: for each kind of prefill (rows starting from a shared prefill, or each row prefilling its
+    own prompt), all rows together or, where mlx-lm's batched caches or masks do not fit the
+    architecture, one row at a time. Returns a notice; raises UserInputError when nothing works.
+
+    Greedy rows of different prompt lengths are compared against log_softmax(model(prompt +
+    completion)). Runs once per model; generate_rollout calls it itself.
+    """
+    key = id(model)
+    if key not in _DECODE_MODES:
+        _DECODE_MODES[key] = _decode_modes(model)
+        weakref.finalize(model, _DECODE_MODES.pop, key, None)
+    return "; ".join(f"{'shared prefill' if shared else 'own prefill'}: "
+                     f"{'all rows together' if rows == 0 else 'one row at a time (slower)'}"
+                     for shared, rows in _DECODE_MODES[key].items())
+
+
+def _decode_modes(model) -> dict[bool, int]:
+    probe = model(mx.array([[1]], dtype=mx.int32))
+    vocab, tolerance = int(probe.shape[-1]), logprob_tolerance(probe.dtype)
+    high = min(vocab, 1000)
+    prompts = [[(7 * i + 3) % high + 1 for i in range(n)] for n in (3, 6)]
+    modes, problems = {}, []
+    for shared in (True, False):
+        for rows_together in (0, 1):
+            try:
+                rollout = _generate(model, prompts, group_size=2, max_new_tokens=3, eos_token_ids=[],
+                                    temperature=0.0, top_p=1.0, share_prefill=shared, rows_together=rows_together)
+                full = [p + c for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens)]
+                width = max(map(len, full))
+                tokens = mx.array([row + [0] * (width - len(row)) for row in full], dtype=mx.int32)
+                lengths = mx.array([len(p) for p in rollout.prompt_tokens], dtype=mx.int32)
+                gap = float(mx.abs(own_logprobs(model, tokens, lengths, 3) - mx.array(rollout.logprobs)).max().item())
+            except Exception as err:  # noqa: BLE001  (a failing mode only means: not this one)
+                problems.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                continue
+            if gap <= tolerance:
+                modes[shared] = rows_together
+                break
+            problems.append(f"its sampled log-probs differ from its own forward pass by {gap:.2g}")
+    if not modes:
+        found = "; ".join(dict.fromkeys(problems))
+        raise UserInputError(f"model {model_name(model)}: mlx-lm's generation does not work for it ({found})")
+    return modes
+
+
 def generate_rollout(
     model,
     prompts: list[list[int]],
@@ -72,11 +128,22 @@ def generate_rollout(
     top_p: float = 1.0,
     share_prefill: bool = True,
 ) -> Rollout:
-    """Sample `group_size` completions for each prompt, all rows decoded in one batch.
+    """Sample `group_size` completions for each prompt, all rows decoded in one batch (or one row at
+    a time, for an architecture that check_generation found mlx-lm cannot batch).
 
     share_prefill: run each distinct prompt through the model once and start its G rows from
     that one KV cache, instead of prefilling the same prompt G times.
     """
+    check_generation(model)
+    modes = _DECODE_MODES[id(model)]
+    share_prefill = share_prefill if share_prefill in modes else not share_prefill  # the kind that works
+    return _generate(model, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+                     eos_token_ids=eos_token_ids, temperature=temperature, top_p=top_p, share_prefill=share_prefill,
+                     rows_together=modes[share_prefill])
+
+
+def _generate(model, prompts, *, group_size, max_new_tokens, eos_token_ids, temperature, top_p, share_prefill,
+              rows_together: int) -> Rollout:
     rows = [list(p) for p in prompts for _ in range(group_size)]
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
     generator = BatchGenerator(
@@ -85,8 +152,8 @@ def generate_rollout(
         stop_tokens=[[t] for t in eos_token_ids],
         sampler=sampler,
         # One decode batch for every row, so nothing queues behind the default limit of 32.
-        completion_batch_size=len(rows),
-        prefill_batch_size=len(rows),
+        completion_batch_size=rows_together or len(rows),
+        prefill_batch_size=rows_together or len(rows),
     )
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling

@@ -38,6 +38,7 @@ class ScoredRollout:
     late: bool = False  # sampled before the previous update (rollout.pipeline): train it off-policy
     explored: bool = False  # rollout.adaptive_window: sampled at the full max_new_tokens to explore
     sampling_record: dict = field(default_factory=dict)  # rollout.dynamic_sampling's dynamic_sampling/* counts
+    sampler_gap: dict = field(default_factory=dict)  # a late batch's training/rollout_*, measured when sampled
 
     @property
     def scoring_time(self) -> float:

@@ -31,7 +31,7 @@ from mlx_grpo.metrics.entropy_dump import EntropyDumper
 from mlx_grpo.metrics.run_log import LOG_FILES, RunLogger, StepOutcome
 from mlx_grpo.policy import COMPILE_BUCKET, NO_UPDATE_STATS, Policy
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
-from mlx_grpo.rollout import to_train_batch
+from mlx_grpo.rollout import check_generation, to_train_batch
 from mlx_grpo.rollout_source import RolloutSource
 
 
@@ -96,6 +96,8 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
     true (state.stop_reason says why). `world`: this process's rank in data-parallel training."""
     seed_everything(cfg.train.seed)
     policy = Policy(model, cfg, world)
+    run.notify(f"log-probs: {policy.logprob_path.describe()} (checked against the model's own forward: "
+               f"max gap {policy.logprob_path.gap:.1e}); generation: {check_generation(model)}")
     rollouts = RolloutSource(cfg, prompts.train, model, tokenizer, scorer, world)
     logger = RunLogger(cfg, run.run_dir, run.hub, scorer, len(prompts.train), world, run.notify, run.progress,
                        levels=rollouts.levels)
@@ -121,12 +123,17 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # 3. Meanwhile: (pipeline) the next batch, sampled by the weights before this update, and
             # the log-probs the update needs that do not depend on rewards.
             timer.add("gen", rollouts.prefetch(step))
+            if rollouts.upcoming is not None:  # its sampler gap, while the weights are those that sampled it
+                rollouts.upcoming.sampler_gap = measure_sampler_gap(cfg, policy, rollouts.upcoming)
             timer.peak("rollout")
             batch = to_train_batch(current.rollout, mask_truncated=cfg.grpo.mask_truncated,
                                    pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
                 old_logprobs, ref_logprobs, off_policy = policy.frozen_logprobs(batch, sampled)
+                # training/rollout_*: the trainer's log-probs against the sampler's, before the update.
+                gap = current.sampler_gap if current.late else measure_sampler_gap(cfg, policy, current, batch,
+                                                                                   old_logprobs)
                 entropy_dumps.dump_if_due(step, policy, batch, current.rollout.completion_lengths)  # logging.entropy_dump_every
             timer.peak("logprobs")
             with timer.time("reward_wait"):
@@ -168,7 +175,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 current.scoring_time, eval_record, state.nonfinite_skips)
             seen = logger.gather(outcome)
             adapted = rollouts.adapt(current, seen)
-            logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited, **run.logged_with_every_step})
+            logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited, **gap, **run.logged_with_every_step})
 
             # 8. Checkpoint, and stop early when asked to (budget spent, Ctrl-C).
             if run_complete or state.stop_reason or (cfg.train.save_every and step % cfg.train.save_every == 0):
@@ -192,6 +199,17 @@ def wrap_up(state: TrainState, policy: Policy, logger: RunLogger, checkpointer: 
         state.summary = logger.finish(state.step)
     logger.close()
     state.rewards = logger.rewards
+
+
+def measure_sampler_gap(cfg: Config, policy: Policy, scored, batch=None, old=None) -> dict:
+    """training/rollout_logprob_diff_* and rollout_probs_diff_* of a batch, measured at the weights
+    that sampled it (the frozen old-policy log-probs are reused when given)."""
+    if not scored.rollout.logprobs:
+        return {}
+    if batch is None:
+        batch = to_train_batch(scored.rollout, mask_truncated=cfg.grpo.mask_truncated,
+                               pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
+    return policy.sampler_gap(batch, scored.sampled_logprobs(batch.mask.shape[1]), old or [None])
 
 
 def seed_everything(seed: int) -> None:

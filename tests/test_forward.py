@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from conftest import make_tiny_model
 from mlx_grpo.forward import checkpoint_blocks
-from mlx_grpo.grpo import completion_logprobs
+from mlx_grpo.forward import completion_logprobs
 from mlx_grpo.adapters import apply_lora
 from mlx_grpo.rollout import generate_rollout
 from test_grpo import _grouped_batch

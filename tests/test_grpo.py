@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_grpo.forward import completion_logprobs
 from mlx_grpo.grpo import (
-    completion_logprobs,
     group_advantages,
     grpo_loss,
     k3_kl,

@@ -156,9 +156,11 @@ def test_runaway_window_needs_a_reward_every_step():
     ("actor/ppo_kl", 0.08, 0.01),
     ("actor/ppo_kl", -0.08, -0.01),  # k1 can go negative: size matters
     ("actor/pg_clipfrac", 0.3, 0.1),
+    ("training/rollout_logprob_diff_mean", 0.3, 0.01),  # a wrong head vs bfloat16 rounding
 ])
 def test_threshold_checks_warn_above_only(key, above, below):
-    check = {"actor/kl_loss": "kl_blowup", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac": "clipfrac"}[key]
+    check = {"actor/kl_loss": "kl_blowup", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac": "clipfrac",
+             "training/rollout_logprob_diff_mean": "sampler_mismatch"}[key]
     monitor = HealthMonitor()
     scalars, warnings = monitor.update(1, {key: below})
     assert warnings == [] and scalars[f"health/{check}"] == 0.0
@@ -186,6 +188,7 @@ def test_non_finite_inputs_warn_without_raising():
         "actor/kl_loss": math.inf,
         "actor/ppo_kl": -math.inf,
         "actor/pg_clipfrac": math.nan,
+        "training/rollout_logprob_diff_mean": math.nan,
     }
     monitor = HealthMonitor()
     scalars, warnings = monitor.update(1, record)

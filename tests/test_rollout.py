@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo.grpo import completion_logprobs
+from mlx_grpo.forward import completion_logprobs
 from mlx_grpo.rollout import generate_rollout, to_train_batch
 from conftest import make_tiny_model
 

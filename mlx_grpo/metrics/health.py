@@ -16,6 +16,10 @@ come from the seed notes (grpo-learning-log.md, rl-metrics-healthy-ranges.md):
 - teacher_fooled (runs with a teacher): the latest teacher.audit_every audit found the teacher
   raising a wrong answer's score when asked to, or scoring by position (Teacher/Audit_Fooled).
 - judge_gaming (runs with a teacher): completions address the grader (Teacher/SuspectedGamingFrac > 0).
+- sampler_mismatch: the trainer's log-probs of the sampled tokens differ from the sampler's at the
+  same weights by more than 0.05 nats per token on average (training/rollout_logprob_diff_mean);
+  rounding gives about 1e-6 in float32 and about 1e-2 in bfloat16, so more means the update
+  follows another distribution than the one that sampled (a wrong head, low-precision drift).
 
 A missing key is "no data" (never 0). A non-finite value makes its check hold, so NaNs get reported
 instead of crashing the monitor. Each check reports once per episode (a run of consecutive steps
@@ -40,6 +44,7 @@ PPO_KL = "actor/ppo_kl"
 CLIPFRAC = "actor/pg_clipfrac"
 AUDIT_FOOLED = "Teacher/Audit_Fooled"
 GAMING = "Teacher/SuspectedGamingFrac"
+SAMPLER_GAP = "training/rollout_logprob_diff_mean"
 
 MIN_MEDIAN_VALUES = 5  # a median of fewer grad norms is too noisy to call anything a spike
 
@@ -52,6 +57,7 @@ LABELS = {
     "clipfrac": "clip fraction high",
     "teacher_fooled": "teacher fooled",
     "judge_gaming": "completions address the grader",
+    "sampler_mismatch": "trainer and sampler disagree",
 }
 
 HINTS = {
@@ -67,6 +73,8 @@ HINTS = {
                       "`rubric audit`, choose a stronger teacher, or weight programmatic checks more",
     "judge_gaming": "the policy may be learning to talk the judge into a score; see Teacher/SuspectedGaming "
                     "in TensorBoard's text tab, and set teacher.on_gaming: mask to take such answers out",
+    "sampler_mismatch": "the update is not the gradient of the policy that sampled; train in float32 "
+                        "(--model.dtype float32) or see the README's 'Sampler and trainer agree'",
 }
 TEACHER_CHECKS = ("teacher_fooled", "judge_gaming")
 
@@ -86,6 +94,7 @@ class HealthConfig:
     kl_max: float = 1.0                # KL blow-up (actor/kl_loss)
     approx_kl_max: float = 0.05        # PPO approx KL out of range (actor/ppo_kl)
     clipfrac_max: float = 0.2          # PPO clip fraction out of range
+    sampler_gap_max: float = 0.05      # trainer vs sampler log-probs, mean nats per token
     warmup_steps: int = 0              # no warnings before this step
 
 
@@ -122,7 +131,7 @@ def _below(name: str, value: float | None, limit: float) -> list[str]:
 
 class HealthMonitor:
     CHECKS: tuple[str, ...] = ("mode_collapse", "grad_spike", "runaway_completions",
-                               "kl_blowup", "approx_kl", "clipfrac")
+                               "kl_blowup", "approx_kl", "clipfrac", "sampler_mismatch")
 
     def __init__(self, cfg: HealthConfig | None = None, teacher: bool = False):
         self.cfg = cfg or HealthConfig()
@@ -153,6 +162,7 @@ class HealthMonitor:
             "clipfrac": _above(CLIPFRAC, _get(record, CLIPFRAC), self.cfg.clipfrac_max),
             "teacher_fooled": self._teacher_fooled(record),
             "judge_gaming": _above(GAMING, _get(record, GAMING), 0.0),
+            "sampler_mismatch": _above(SAMPLER_GAP, _get(record, SAMPLER_GAP), self.cfg.sampler_gap_max),
         }
         if step < self.cfg.warmup_steps:
             reasons = dict.fromkeys(self.checks, [])
