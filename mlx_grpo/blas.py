@@ -3,10 +3,13 @@
 The `mlx[cpu]` wheel links against the reference BLAS (about 2 GFLOP/s for fp32 matmul). MLX
 resolves `cblas_*` symbols at load time, so a library loaded earlier with RTLD_GLOBAL wins.
 
-Search order: $MLX_GRPO_BLAS (a path, or "none" to skip), the system's OpenBLAS, then the
-`cmeel-openblas` wheel that this project depends on. That wheel needs `libgfortran.so.5`; when
-the system has none we reuse the copy bundled in the mlx wheel, whose SONAME auditwheel renamed,
-by writing a copy with the standard SONAME to a cache directory and preloading it.
+Search order: $MLX_GRPO_BLAS (a path, or "none" to skip), the system's OpenBLAS, then the OpenBLAS
+wheel that this project depends on: `ngsolve-openblas` on x86-64, built with DYNAMIC_ARCH so that
+it picks its kernels for the CPU it runs on (SSE to AVX-512), or `cmeel-openblas` on aarch64.
+Either needs `libgfortran.so.5`; when the system has none we reuse the copy bundled in the mlx
+wheel, whose SONAME auditwheel renamed, by writing a copy with the standard SONAME to a cache
+directory and preloading it. The library is loaded by path, never imported: ngsolve_openblas's
+own `__init__` loads it and prints to stderr when that fails.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-FIX_HINT = "install Debian's libopenblas0-pthread (apt-get install libopenblas0-pthread) or `uv sync` to get cmeel-openblas"
+FIX_HINT = "run `uv sync` (it installs the OpenBLAS wheel) or install Debian's libopenblas0-pthread"
+# The OpenBLAS wheels' libraries, relative to site-packages.
+WHEEL_LIBRARIES = ("ngsolve_openblas/libopenblasp-r*.so", "cmeel.prefix/lib/libopenblas.so.0")
 
 loaded_blas: str | None = None  # path of the library we loaded, for logs and benchmarks
-loaded_deps: tuple[str, ...] = ()  # libraries it needed loaded first (cmeel-openblas: libgfortran)
+loaded_deps: tuple[str, ...] = ()  # libraries it needed loaded first (the wheels: libgfortran)
 _attempted = False
 
 
@@ -68,10 +73,10 @@ def _gfortran_with_standard_soname(mlx_libs: Path) -> str | None:
     return str(target)
 
 
-def _cmeel_openblas() -> str | None:
+def _wheel_openblas() -> str | None:
     for site in _site_dirs():
-        lib = site / "cmeel.prefix" / "lib" / "libopenblas.so.0"
-        if not lib.exists():
+        lib = next((found for pattern in WHEEL_LIBRARIES for found in sorted(site.glob(pattern))), None)
+        if lib is None:
             continue
         deps: tuple[str, ...] = ()
         if not ctypes.util.find_library("gfortran"):
@@ -80,7 +85,7 @@ def _cmeel_openblas() -> str | None:
                 return None
             deps = (*map(str, (site / "mlx_cpu.libs").glob("libquadmath-*.so*")), gfortran)
         if not runs_here(str(lib), deps):
-            warnings.warn("the cmeel-openblas wheel does not run on this CPU (it is built for AVX-512)")
+            warnings.warn(f"the OpenBLAS wheel's {lib.name} does not run on this CPU")
             return None
         if deps:
             global loaded_deps
@@ -91,8 +96,8 @@ def _cmeel_openblas() -> str | None:
 
 
 # Run in a child process: load the library and multiply two small matrices. A BLAS built for
-# newer instructions than this CPU has (cmeel-openblas is built for AVX-512) dies of SIGILL there,
-# which in this process would kill the program at its first matmul.
+# newer instructions than this CPU has (cmeel-openblas on x86-64 was built for AVX-512 only) dies
+# of SIGILL there, which in this process would kill the program at its first matmul.
 _PROBE = """
 import ctypes, sys
 for dep in sys.argv[2:]:
@@ -191,7 +196,7 @@ def load_optimized_blas() -> str | None:
             continue
     if not override:
         try:
-            path = _cmeel_openblas()
+            path = _wheel_openblas()
             if path:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 loaded_blas = path
@@ -200,3 +205,14 @@ def load_optimized_blas() -> str | None:
             pass
     warnings.warn(f"no optimised BLAS found; MLX's CPU matmuls will be ~50x slower. Fix: {FIX_HINT}")
     return None
+
+
+def missing_blas_problem() -> str | None:
+    """One line saying that MLX's CPU matmuls will crawl (Linux, no optimised BLAS loaded, and the
+    user did not switch it off with MLX_GRPO_BLAS=none); None when all is well."""
+    if not sys.platform.startswith("linux") or loaded_blas is not None:
+        return None
+    if os.environ.get("MLX_GRPO_BLAS", "").lower() == "none":
+        return None
+    return f"no optimised BLAS was found, so MLX's CPU matmuls would run about 50x slower. Fix: {FIX_HINT}"
+

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR|latest", help="Continue a previous run.")
     parser.add_argument("--no-wandb", action="store_true", help="Disable the W&B mirror.")
     parser.add_argument("--force", action="store_true",
-                        help="Train even when the memory estimate is above 85%% of the machine's memory.")
+                        help="Train even when the memory estimate is above 85%% of the machine's memory, or "
+                             "(Linux) without an optimised BLAS, about 50x slower.")
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     for flag, (_, text) in SHORTHANDS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", metavar=flag.upper(), help=text)
@@ -233,6 +234,10 @@ def run_training(cfg: Config, console, resume_dir: Path | None = None, force: bo
     from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable
     from mlx_grpo.trainer import Prompts, RunIO, TrainingDiverged, train
 
+    from mlx_grpo.blas import missing_blas_problem
+
+    if (problem := missing_blas_problem()) and not force:
+        raise UserInputError(f"{problem}; or pass --force to train slowly")
     world = init_world()
     if world.size > 1:
         if cfg.rollout.pipeline:

@@ -34,7 +34,8 @@ def blas_name() -> str:
         return "Accelerate"
     if not blas.loaded_blas:
         return "reference"
-    return "OpenBLAS (cmeel-openblas)" if "cmeel.prefix" in blas.loaded_blas else f"OpenBLAS ({blas.loaded_blas})"
+    wheel = next((name for name in ("ngsolve_openblas", "cmeel.prefix") if name in blas.loaded_blas), None)
+    return f"OpenBLAS ({wheel.split('.')[0].replace('_', '-')} wheel)" if wheel else f"OpenBLAS ({blas.loaded_blas})"
 
 
 def git_commit() -> str:
