@@ -192,7 +192,7 @@ TINY_ARCHS: dict[str, dict] = {
         scale_depth=1.4,
         scale_emb=12.0,
         rope_theta=10000.0,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # untied, its head input is scaled by dim_model_base / hidden_size
     ),
     "glm4": _cfg(
         rms_norm_eps=1e-5,
