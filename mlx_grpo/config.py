@@ -31,8 +31,9 @@ def opt(default, help: str, choices: tuple | None = None):
 @dataclass
 class ModelConfig:
     path: str = opt("smollm2-135m-instruct", "Model: built-in alias, Hugging Face id, local mlx-lm directory, or .gguf file.")
-    dtype: str = opt("float32", "Weight dtype. 'native' keeps the checkpoint's dtype (4-bit GGUF stays quantised: QLoRA).",
-                     ("float32", "float16", "bfloat16", "native"))
+    dtype: str = opt("auto", "Weight dtype. 'auto' is bfloat16 on a Mac's GPU (Metal) and float32 on a CPU, where "
+                             "bfloat16 matmuls are slow. 'native' keeps the checkpoint's dtype (a 4-bit model stays "
+                             "quantised: QLoRA).", ("auto", "float32", "float16", "bfloat16", "native"))
 
 
 @dataclass

@@ -61,6 +61,13 @@ def _shape(model) -> dict | None:
             "head_dim": getattr(args, "head_dim", None) or hidden // heads, "vocab": getattr(args, "vocab_size")}
 
 
+def activation_bytes(model) -> int:
+    """Bytes per activation value: the model's most common floating dtype among its parameters (a
+    quantised model computes in the dtype of its scales and norms)."""
+    sizes = [v.dtype.size for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    return max(set(sizes), key=sizes.count) if sizes else 4
+
+
 def _nbytes(tree) -> int:
     return sum(v.nbytes for _, v in tree_flatten(tree))
 
@@ -88,7 +95,7 @@ def estimate(model, cfg, prompt_tokens: int) -> MemoryEstimate | None:
     s = _shape(model)
     if s is None:
         return None
-    act_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+    act_bytes = activation_bytes(model)
     rows = cfg.rollout.batch_size * cfg.rollout.group_size
     kv_per_token = 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * act_bytes
     allocated = math.ceil((prompt_tokens + cfg.rollout.max_new_tokens) / KV_BLOCK) * KV_BLOCK

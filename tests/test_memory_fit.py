@@ -79,3 +79,21 @@ def test_an_architecture_without_readable_sizes_gets_no_estimate():
     model = make_tiny_model()
     del model.args.vocab_size  # as a model whose args name their sizes differently
     assert memory_fit.estimate(model, load_config(None, {}), 40) is None
+
+
+def test_activations_and_kv_cache_count_the_models_own_dtype():
+    """A bfloat16 model's (or a quantised one's) activations and KV cache take 2 bytes per value."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    cfg = load_config(None, {})
+    full = make_tiny_model()
+    half = make_tiny_model()
+    half.set_dtype(mx.bfloat16)
+    quantised = make_tiny_model(vocab_size=512)
+    quantised.set_dtype(mx.float16)
+    nn.quantize(quantised, group_size=32, bits=4)
+    assert [memory_fit.activation_bytes(m) for m in (full, half, quantised)] == [4, 2, 2]
+    a, b = memory_fit.estimate(full, cfg, 40), memory_fit.estimate(half, cfg, 40)
+    assert b.kv_cache == pytest.approx(a.kv_cache / 2, rel=1e-6)
+    assert b.activations < a.activations

@@ -348,3 +348,15 @@ def test_unknown_dtype_is_rejected():
     with pytest.raises(UserInputError, match="int8"):
         resolve_model_path(SMOLLM, "int8")
 
+
+
+def test_auto_dtype_is_bfloat16_on_metal_and_float32_on_a_cpu(monkeypatch):
+    import mlx.core as mx
+
+    from mlx_grpo.gguf.convert import resolve_dtype
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    assert resolve_dtype("auto") == "float32"
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert resolve_dtype("auto") == "bfloat16"
+    assert resolve_dtype("native") == "native" and resolve_dtype("float16") == "float16"

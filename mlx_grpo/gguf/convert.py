@@ -17,7 +17,7 @@ from mlx_grpo.errors import UserInputError
 from mlx_grpo.gguf.header import check_arch, gguf_architecture, scalar
 from mlx_grpo.gguf.tokenizer import build_tokenizer, tokenizer_config
 
-DTYPES = ("float32", "float16", "bfloat16", "native")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "native")
 # Bump when the conversion output changes, so stale cache entries are not reused.
 CONVERTER_VERSION = 2
 # MLX's GGUF reader unpacks Q4_0/Q4_1/Q8_0 blocks into affine groups of this size.
@@ -27,6 +27,15 @@ GGUF_GROUP_SIZE = 32
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise UserInputError(f"model dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """'auto' is bfloat16 where MLX runs on Metal (the GPU's fast type, half the memory) and float32 on
+    a CPU (bfloat16 matmuls are slow there); any other value is itself."""
+    check_dtype(dtype)
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if mx.metal.is_available() else "float32"
 
 
 def cache_root() -> Path:
