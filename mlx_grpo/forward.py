@@ -53,12 +53,20 @@ class PromptKV:
 # Where the body and the head are
 
 
-def text_model(model: nn.Module) -> nn.Module:
-    """The module that holds the text body at `.model`: the model itself, or the text model that a
-    multimodal wrapper keeps under `.language_model` (Gemma 3, Qwen3.5, Mistral 3 checkpoints)."""
-    inner = model
+def _text_model_path(model: nn.Module) -> list[str]:
+    """Keys from the model to the module that holds the text body at `.model`: none, or the text
+    model that a multimodal wrapper keeps under `.language_model` (Gemma 3, Qwen3.5, Mistral 3)."""
+    path, inner = [], model
     while "model" not in inner and isinstance(inner.get("language_model"), nn.Module):
+        path.append("language_model")
         inner = inner["language_model"]
+    return path
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    inner = model
+    for key in _text_model_path(model):
+        inner = inner[key]
     return inner
 
 
@@ -314,8 +322,8 @@ def _split_columns(model, tokens, prompt_lengths, src, targets, c, chunk_size, s
         head_module, head = linear_head(model)
         # Checkpoint w.r.t. the head's (trainable) parameters as well as the chunk inputs.
         chunk_fn = nn.utils.checkpoint(head_module, lambda h, ids: stats(head(h), ids))
-    else:  # the model's own head: every trainable parameter may be in it
-        chunk_fn = nn.utils.checkpoint(model, lambda h, ids: stats(own_head_logits(model, h), ids))
+    else:  # the model's own head
+        chunk_fn = _checkpoint_outside_blocks(model, lambda h, ids: stats(own_head_logits(model, h), ids))
     step = max(1, int(chunk_size))
     chunks = []
     for s in range(0, c, step):
@@ -325,6 +333,29 @@ def _split_columns(model, tokens, prompt_lengths, src, targets, c, chunk_size, s
             h = mx.depends(h, chunks[-1][0])
         chunks.append(chunk_fn(h, targets[:, s : s + step]))
     return [mx.concatenate([ch[k] for ch in chunks], axis=1) for k in range(len(chunks[0]))]
+
+
+def _checkpoint_outside_blocks(model: nn.Module, fn):
+    """fn checkpointed with respect to its inputs and every trainable parameter outside the
+    transformer blocks (the head, a tied embedding, a logit scale), which is what the model's own
+    `__call__` may use after its body. The blocks' parameters reach fn only through the body's
+    output, an input; leaving them out spares a zero gradient of every block per chunk."""
+
+    def outside_blocks() -> dict:
+        params = model.trainable_parameters()
+        body = params
+        for key in [*_text_model_path(model), "model"]:
+            body = body.get(key, {}) if isinstance(body, dict) else {}
+        if isinstance(body, dict):
+            body.pop("layers", None)
+        return params
+
+    def inner(params, *args):
+        model.update(params)
+        return fn(*args)
+
+    checkpointed = mx.checkpoint(inner)
+    return lambda *args: checkpointed(outside_blocks(), *args)
 
 
 def _own_forward_columns(model, tokens, src, targets, stats, vocab_size):

@@ -95,6 +95,7 @@ def make_loss_fn(cfg: Config, path: LogprobPath = FAST_PATH):
                                      loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens,
                                      importance_sampling_level=g.importance_sampling_level, policy_mask=forking)
         stats["entropy"] = grpo.masked_mean(mx.stop_gradient(entropy), batch.mask)
+        stats["token_logprobs"] = mx.stop_gradient(logprobs)  # for the sampler gap; not averaged
         if ref_logprobs is not None:
             stats["ref_logprobs"] = grpo.masked_mean(mx.stop_gradient(ref_logprobs), batch.mask)
         return loss, stats
@@ -172,11 +173,13 @@ def frozen_logprobs(model, cfg: Config, path: LogprobPath, batch: TrainBatch, ba
 
 
 def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatch, advantages, old, ref,
-                  world: World = World(), local: bool = True):
+                  world: World = World(), local: bool = True, sampled: mx.array | None = None):
     """mu passes over the batch, each an optimizer step over grad_accum micro-batches.
 
     Data-parallel: each step's gradient is combined over the ranks first. local=False means this
     rank has no scored completion this step; it still takes part, with nothing to add.
+    sampled: the sampler's (N, C) log-probs of the batch; the first pass's own log-probs, taken
+    before any weight moves, then give the sampler gap (training/rollout_*) at no extra cost.
     """
     g, accum = cfg.grpo, cfg.optim.grad_accum_steps
     ranges = micro_batches(cfg, batch)
@@ -184,12 +187,16 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
     weight = grpo.loss_denominator(batch.mask, g.loss_type) if local else 0.0
     model.train()
     totals: dict[str, float] = {}
+    first_pass = []  # the trainer's log-probs at the sampling weights, per micro-batch
     grad_norm = mx.array(0.0)
-    for _ in range(g.num_iterations):
+    for iteration in range(g.num_iterations):
         if local:
             grads = None
             for m, adv, old_lp, ref_lp in zip(micro, micro_adv, old, ref):
                 (loss, stats), step_grads = loss_and_grad(model, m, adv, old_lp, ref_lp)
+                token_logprobs = stats.pop("token_logprobs")
+                if iteration == 0:
+                    first_pass.append(token_logprobs)
                 grads = step_grads if grads is None else tree_map(mx.add, grads, step_grads)
                 stats = {"loss": loss, **stats}
                 mx.eval(grads, stats)
@@ -211,6 +218,8 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
     model.eval()
+    if sampled is not None and first_pass:
+        totals.update(grpo.rollout_logprob_gap(mx.concatenate(first_pass), sampled, batch.mask))
     if world.size > 1:  # every rank reports the weighted mean over the ranks
         sums = world.sum([totals.get(key, 0.0) * weight for key in RANK_AVERAGED_STATS] + [weight])
         totals.update({key: value / max(sums[-1], 1e-12) for key, value in zip(RANK_AVERAGED_STATS, sums)})
@@ -237,12 +246,22 @@ class Policy:
         return frozen_logprobs(self.model, self.cfg, self.logprob_path, batch, self.base_params, sampled)
 
     def update(self, batch: TrainBatch, advantages, old, ref, local: bool = True,
-               off_policy: OffPolicyWeights | None = None) -> dict:
+               off_policy: OffPolicyWeights | None = None, sampled: mx.array | None = None) -> dict:
+        """The update's statistics; given the sampler's log-probs of an on-policy batch, also its
+        sampler gap (training/rollout_*), measured before the weights move."""
+        gap = {}
+        if sampled is not None and (old[0] is not None or self.cfg.lora.dropout > 0):
+            # The frozen pass has them already; or the first pass runs with dropout, unlike the sampler.
+            gap, sampled = self.sampler_gap(batch, sampled, old), None
         if off_policy is not None:  # per-token advantages: each token's weight folded in
             advantages = off_policy.weights * advantages.reshape(-1, 1)
         stats = update_policy(self.model, self.optimizer, self.loss_and_grad, self.cfg, batch, advantages, old, ref,
-                              self.world, local)
-        return stats if off_policy is None else {**stats, **off_policy.stats}
+                              self.world, local, sampled)
+        return {**stats, **gap, **(off_policy.stats if off_policy is not None else {})}
+
+    def skipped_update(self, batch: TrainBatch, sampled: mx.array | None = None) -> dict:
+        """What a step without an update reports (NO_UPDATE_STATS), and the batch's sampler gap."""
+        return {**NO_UPDATE_STATS, **(self.sampler_gap(batch, sampled, [None]) if sampled is not None else {})}
 
     def token_entropy(self, batch: TrainBatch) -> tuple[mx.array, mx.array]:
         """(N, C) entropy and varentropy of each completion position under the current weights."""

@@ -29,7 +29,7 @@ from mlx_grpo.evaluate import evaluate_with_config
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.entropy_dump import EntropyDumper
 from mlx_grpo.metrics.run_log import LOG_FILES, RunLogger, StepOutcome
-from mlx_grpo.policy import COMPILE_BUCKET, NO_UPDATE_STATS, Policy
+from mlx_grpo.policy import COMPILE_BUCKET, Policy
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
 from mlx_grpo.rollout import check_generation, to_train_batch
 from mlx_grpo.rollout_source import RolloutSource
@@ -131,9 +131,6 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
                 old_logprobs, ref_logprobs, off_policy = policy.frozen_logprobs(batch, sampled)
-                # training/rollout_*: the trainer's log-probs against the sampler's, before the update.
-                gap = current.sampler_gap if current.late else measure_sampler_gap(cfg, policy, current, batch,
-                                                                                   old_logprobs)
                 entropy_dumps.dump_if_due(step, policy, batch, current.rollout.completion_lengths)  # logging.entropy_dump_every
             timer.peak("logprobs")
             with timer.time("reward_wait"):
@@ -155,9 +152,15 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # 5. Update: clipped surrogate against the sampling policy, optional KL to the base model.
             # A batch where every group scored alike carries no signal; stepping AdamW on its zero
             # gradient would still move the weights along stale momentum, so skip it.
+            # training/rollout_*, the trainer's log-probs against the sampler's at the sampling weights,
+            # come with the update (a late batch's were measured when it was sampled).
             with timer.time("update_actor"):
+                on_policy = None if current.late else current.sampled_logprobs(batch.mask.shape[1])
                 stats = policy.update(batch, advantages, old_logprobs, ref_logprobs, local=bool(scored.valid.any()),
-                                      off_policy=off_policy) if has_signal else dict(NO_UPDATE_STATS)
+                                      off_policy=off_policy, sampled=on_policy) if has_signal else (
+                    policy.skipped_update(batch, on_policy))
+                gap = current.sampler_gap if current.late else {k: stats.pop(k) for k in list(stats)
+                                                                if k.startswith("training/rollout_")}
             timer.peak("update")
             state.count_nonfinite(step, stats, cfg.train.max_nonfinite_skips, run.notify)
 
@@ -201,15 +204,12 @@ def wrap_up(state: TrainState, policy: Policy, logger: RunLogger, checkpointer: 
     state.rewards = logger.rewards
 
 
-def measure_sampler_gap(cfg: Config, policy: Policy, scored, batch=None, old=None) -> dict:
-    """training/rollout_logprob_diff_* and rollout_probs_diff_* of a batch, measured at the weights
-    that sampled it (the frozen old-policy log-probs are reused when given)."""
-    if not scored.rollout.logprobs:
-        return {}
-    if batch is None:
-        batch = to_train_batch(scored.rollout, mask_truncated=cfg.grpo.mask_truncated,
-                               pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
-    return policy.sampler_gap(batch, scored.sampled_logprobs(batch.mask.shape[1]), old or [None])
+def measure_sampler_gap(cfg: Config, policy: Policy, scored) -> dict:
+    """training/rollout_logprob_diff_* and rollout_probs_diff_* of a batch sampled for a later
+    step (rollout.pipeline), measured now, at the weights that sampled it."""
+    batch = to_train_batch(scored.rollout, mask_truncated=cfg.grpo.mask_truncated,
+                           pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
+    return policy.sampler_gap(batch, scored.sampled_logprobs(batch.mask.shape[1]), [None])
 
 
 def seed_everything(seed: int) -> None:

@@ -18,9 +18,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from dp_worker import ByteTokenizer, byte_score
-from mlx_grpo.adapters import apply_lora
+from mlx_grpo.adapters import apply_lora, prepare_full_finetune
 from mlx_grpo.errors import UserInputError
-from mlx_grpo.forward import check_logprob_path, completion_logprobs, model_name, own_logprobs
+from mlx_grpo.forward import LogprobPath, check_logprob_path, completion_logprobs, model_name, own_logprobs
 from mlx_grpo.models import check_model
 from tiny_archs import TINY_ARCH_NAMES, TINY_ARCHS, build_tiny
 
@@ -80,8 +80,11 @@ def test_logprobs_equal_the_models_own_or_it_is_refused(arch):
         assert gap <= TOL, f"{arch} ({path.describe()}), group_size {group_size}: {gap:.2e}"
 
 
-def lora_with_weights(arch):
+def trainable(arch, fine_tune_type="lora"):
     model = build_tiny(arch, seed=1)
+    if fine_tune_type == "full":
+        prepare_full_finetune(model)
+        return model
     apply_lora(model, rank=4, alpha=8, dropout=0.0, num_layers=-1)
     mx.random.seed(3)  # non-zero B, so every adapter has a gradient
     model.load_weights([(k, mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
@@ -89,17 +92,19 @@ def lora_with_weights(arch):
     return model
 
 
-@pytest.mark.parametrize("arch, expected_path", [
-    ("llama", ("linear", "prompt_kv")),
-    ("granite", ("own_head", "prompt_kv")),  # logits_scaling after the head
-    ("gemma2", ("own_head", "prompt_kv")),  # final logit softcapping
-    ("qwen3_5", ("linear", "model_cache")),  # linear-attention layers, under language_model
-    ("lfm2", ("linear", "model_cache")),  # short-convolution layers
-    ("granitemoehybrid", ("own_head", "model_cache")),  # both
-    ("nemotron_h", ("own_forward", "per_row")),  # its body is not at .model
+@pytest.mark.parametrize("arch, expected_path, fine_tune_type", [
+    ("gemma2", ("own_head", "prompt_kv"), "full"),  # the tied embedding's gradient through the own head
+    ("qwen3_5", ("linear", "model_cache"), "full"),
+    ("llama", ("linear", "prompt_kv"), "lora"),
+    ("granite", ("own_head", "prompt_kv"), "lora"),  # logits_scaling after the head
+    ("gemma2", ("own_head", "prompt_kv"), "lora"),  # final logit softcapping
+    ("qwen3_5", ("linear", "model_cache"), "lora"),  # linear-attention layers, under language_model
+    ("lfm2", ("linear", "model_cache"), "lora"),  # short-convolution layers
+    ("granitemoehybrid", ("own_head", "model_cache"), "lora"),  # both
+    ("nemotron_h", ("own_forward", "per_row"), "lora"),  # its body is not at .model
 ])
-def test_each_path_has_the_gradient_of_the_models_own_forward(arch, expected_path):
-    model = lora_with_weights(arch)
+def test_each_path_has_the_gradient_of_the_models_own_forward(arch, expected_path, fine_tune_type):
+    model = trainable(arch, fine_tune_type)
     path = check_logprob_path(model)
     assert (path.head, path.prompt) == expected_path
     tokens, plens, c, mask = grouped_batch()
@@ -140,10 +145,9 @@ def save_base_model(model, arch, directory):
     (directory / "config.json").write_text(json.dumps({"model_type": arch, **TINY_ARCHS[arch]}))
 
 
-@pytest.mark.parametrize("arch", TRAINED)
-def test_two_grpo_steps_train_and_the_adapters_reload_in_mlx_lm(arch, tmp_path):
-    from mlx_lm.utils import load_adapters, load_model
-
+def two_steps(arch, tmp_path, model=None, **overrides):
+    """Two GRPO steps of `arch` through train() (LoRA, rollout included): (model, run dir, records,
+    notices)."""
     from mlx_grpo import trainer
     from mlx_grpo.config import load_config
     from mlx_grpo.metrics import MetricsHub
@@ -152,14 +156,13 @@ def test_two_grpo_steps_train_and_the_adapters_reload_in_mlx_lm(arch, tmp_path):
     from mlx_grpo.rewards.checks import CHECKS
 
     CHECKS["byte_score"] = byte_score
-    model = build_tiny(arch)
-    save_base_model(model, arch, tmp_path / "base")
+    model = build_tiny(arch) if model is None else model
     (tmp_path / "rubric.yaml").write_text(RUBRIC)
     cfg = load_config(None, {"train.steps": 2, "rollout.batch_size": 2, "rollout.group_size": 3,
                              "rollout.max_new_tokens": 6, "optim.learning_rate": 1e-2, "lora.rank": 4,
-                             "optim.warmup_steps": 0, "grpo.num_iterations": 2, "train.save_every": 0,
+                             "optim.warmup_steps": 0, "train.save_every": 0,
                              # a peaked tiny model still samples a spread; the KL pass runs the reference
-                             "rollout.temperature": 2.0, "grpo.beta": 0.04})
+                             "rollout.temperature": 2.0, "grpo.beta": 0.04, **overrides})
     items = [{"prompt": f"Question {i}: what is {i} plus {i % 7}?", "answer": str(i + i % 7)} for i in range(6)]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -172,8 +175,17 @@ def test_two_grpo_steps_train_and_the_adapters_reload_in_mlx_lm(arch, tmp_path):
     finally:
         scorer.close()
         hub.close()
-    assert any(n.startswith("log-probs: ") for n in notices)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return model, run_dir, records, notices
+
+
+@pytest.mark.parametrize("arch", TRAINED)
+def test_two_grpo_steps_train_and_the_adapters_reload_in_mlx_lm(arch, tmp_path):
+    from mlx_lm.utils import load_adapters, load_model
+
+    save_base_model(build_tiny(arch), arch, tmp_path / "base")
+    model, run_dir, records, notices = two_steps(arch, tmp_path)
+    assert any(n.startswith("log-probs: ") for n in notices)
     assert len(records) == 2
     for record in records:
         assert record["training/rollout_logprob_diff_max"] < 1e-4, record["training/rollout_logprob_diff_max"]
@@ -187,3 +199,47 @@ def test_two_grpo_steps_train_and_the_adapters_reload_in_mlx_lm(arch, tmp_path):
     trained, again = model(tokens), reloaded(tokens)
     assert float(mx.abs(trained - build_tiny(arch)(tokens)).max()) > 1e-4  # the adapters moved it
     assert float(mx.abs(trained - again).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{"grpo.num_iterations": 2}, {"rollout.pipeline": True},
+                                       {"optim.compile": True, "optim.grad_checkpoint": True},
+                                       {"lora.dropout": 0.3, "optim.grad_accum_steps": 2}],
+                         ids=["mu2", "pipeline", "compile", "dropout_accum"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "gemma2", "nemotron_h"])
+def test_the_sampler_gap_is_measured_in_every_configuration(arch, overrides, tmp_path):
+    """From the frozen pass, when the batch was sampled, or from the update's first pass: always at
+    the sampling weights, never with LoRA dropout on."""
+    _, _, records, _ = two_steps(arch, tmp_path, **overrides)
+    assert [r["training/rollout_logprob_diff_max"] < 1e-4 for r in records] == [True, True]
+    assert all(r["health/sampler_mismatch"] == 0 for r in records)
+
+
+def test_a_wrong_head_shows_in_the_sampler_gap_and_warns(tmp_path, monkeypatch):
+    """Granite scales its logits after the head: the plain linear head, forced, is off by ~1 nat,
+    which is what the start-up check keeps from happening and what the gap would show."""
+    import mlx_grpo.policy as policy
+
+    monkeypatch.setattr(policy, "check_logprob_path", lambda model: LogprobPath("linear", "prompt_kv"))
+    _, _, records, notices = two_steps("granite", tmp_path)
+    assert all(r["training/rollout_logprob_diff_mean"] > 0.1 for r in records)
+    assert records[0]["health/sampler_mismatch"] == 1
+    assert any("trainer and sampler disagree" in n for n in notices)
+
+
+def test_the_first_pass_and_a_separate_forward_give_the_same_gap():
+    from mlx_grpo.config import load_config
+    from mlx_grpo.policy import Policy
+    from mlx_grpo.rollout import generate_rollout, to_train_batch
+
+    cfg = load_config(None, {"rollout.group_size": 3, "lora.rank": 4})
+    policy = Policy(build_tiny("qwen3_5"), cfg)
+    rollout = generate_rollout(policy.model, [list(b"abc def"), list(b"xy")], group_size=3, max_new_tokens=5,
+                               eos_token_ids=[0], temperature=2.0)
+    batch = to_train_batch(rollout)
+    sampled = mx.array([lp + [0.0] * (batch.mask.shape[1] - len(lp)) for lp in rollout.logprobs])
+    separate = policy.sampler_gap(batch, sampled, [None])
+    advantages = mx.array([1.0, -1.0, 0.5, -0.5, 0.0, 0.0])
+    during = policy.update(batch, advantages, [None], [None], sampled=sampled)
+    assert separate["training/rollout_logprob_diff_max"] < 1e-4
+    for key, value in separate.items():
+        assert during[key] == pytest.approx(value, abs=1e-6), key
