@@ -144,11 +144,13 @@ def load_model(path: str, dtype: str = "float32"):
     resolved = resolve_model_path(path, dtype)
     try:
         model, tokenizer = mlx_lm.load(resolved)
-    except Exception as err:
-        if not is_hf_id(resolved):
-            raise
-        # Usually no network or no such repository: a user problem, not a crash.
-        raise UserInputError(f"model {resolved}: cannot load from Hugging Face ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001
+        # No network or no such repository, an architecture this mlx-lm does not know, a config or
+        # tokenizer it cannot read: a problem with the model given, said in one line.
+        where = "from Hugging Face" if is_hf_id(resolved) else "with mlx-lm"
+        detail = str(err).strip().splitlines()
+        raise UserInputError(f"model {resolved}: cannot load {where} ({type(err).__name__}: "
+                             f"{detail[0] if detail else ''}{' ...' if len(detail) > 1 else ''})") from None
     if dtype != "native":
         model.set_dtype(getattr(mx, dtype))
         mx.eval(model.parameters())

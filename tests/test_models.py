@@ -360,3 +360,16 @@ def test_auto_dtype_is_bfloat16_on_metal_and_float32_on_a_cpu(monkeypatch):
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     assert resolve_dtype("auto") == "bfloat16"
     assert resolve_dtype("native") == "native" and resolve_dtype("float16") == "float16"
+
+
+def test_a_model_directory_mlx_lm_cannot_load_is_one_line_exit_2(tmp_path, capsys):
+    from mlx_grpo.cli import train_main
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "no_such_architecture", "vocab_size": 10}')
+    mx.save_safetensors(str(model_dir / "model.safetensors"), {"w": mx.zeros((2,))})
+    code = train_main(["--model", str(model_dir), "--train.output_dir", str(tmp_path / "out"), "--no-wandb"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "cannot load with mlx-lm" in err and "no_such_architecture" in err
