@@ -30,8 +30,8 @@ class Rollout:
     prefill_time_s: float
     generation_time_s: float
     # log p(token) of each sampled token under the sampling model, from the raw logits (before
-    # temperature and top-p), aligned with completion_tokens. Computed in the model's dtype, so
-    # only about 3 significant digits for a bfloat16 model.
+    # temperature and top-p), aligned with completion_tokens; the log-softmax runs in float32
+    # whatever the model's dtype, as the trainer's does.
     logprobs: list[list[float]] | None = None
     max_new_tokens: int = 0  # the budget the rows were sampled with (rollout.adaptive_window varies it)
     # 1.0 on sampled tokens, 0.0 on tokens inserted rather than sampled (S-GRPO's answer-inducing
@@ -65,9 +65,10 @@ def _prefill(model, prompt: list[int]) -> list:
     return cache
 
 
-# id(model) -> {shared prefill?: rows decoded together (0 = all, 1 = one at a time), for each kind
-# of prefill that works}. Decided once per model by check_generation.
-_DECODE_MODES: dict[int, dict[bool, int]] = {}
+# id(model) -> ({shared prefill?: rows decoded together (0 = all, 1 = one at a time), for each kind
+# of prefill that works}, whether its logits need casting to float32). Decided once per model by
+# check_generation.
+_DECODE_MODES: dict[int, tuple[dict[bool, int], bool]] = {}
 
 
 def check_generation(model) -> str:
@@ -85,12 +86,12 @@ def check_generation(model) -> str:
         weakref.finalize(model, _DECODE_MODES.pop, key, None)
     return "; ".join(f"{'shared prefill' if shared else 'own prefill'}: "
                      f"{'all rows together' if rows == 0 else 'one row at a time (slower)'}"
-                     for shared, rows in _DECODE_MODES[key].items())
+                     for shared, rows in _DECODE_MODES[key][0].items())
 
 
-def _decode_modes(model) -> dict[bool, int]:
+def _decode_modes(model) -> tuple[dict[bool, int], bool]:
     probe = model(mx.array([[1]], dtype=mx.int32))
-    vocab, tolerance = int(probe.shape[-1]), logprob_tolerance(probe.dtype)
+    vocab, tolerance, cast = int(probe.shape[-1]), logprob_tolerance(probe.dtype), probe.dtype != mx.float32
     high = min(vocab, 1000)
     prompts = [[(7 * i + 3) % high + 1 for i in range(n)] for n in (3, 6)]
     modes, problems = {}, []
@@ -98,7 +99,8 @@ def _decode_modes(model) -> dict[bool, int]:
         for rows_together in (0, 1):
             try:
                 rollout = _generate(model, prompts, group_size=2, max_new_tokens=3, eos_token_ids=[],
-                                    temperature=0.0, top_p=1.0, share_prefill=shared, rows_together=rows_together)
+                                    temperature=0.0, top_p=1.0, share_prefill=shared, rows_together=rows_together,
+                                    float32_logits=cast)
                 full = [p + c for p, c in zip(rollout.prompt_tokens, rollout.completion_tokens)]
                 width = max(map(len, full))
                 tokens = mx.array([row + [0] * (width - len(row)) for row in full], dtype=mx.int32)
@@ -114,7 +116,7 @@ def _decode_modes(model) -> dict[bool, int]:
     if not modes:
         found = "; ".join(dict.fromkeys(problems))
         raise UserInputError(f"model {model_name(model)}: mlx-lm's generation does not work for it ({found})")
-    return modes
+    return modes, cast
 
 
 def generate_rollout(
@@ -135,15 +137,19 @@ def generate_rollout(
     that one KV cache, instead of prefilling the same prompt G times.
     """
     check_generation(model)
-    modes = _DECODE_MODES[id(model)]
+    modes, cast = _DECODE_MODES[id(model)]
     share_prefill = share_prefill if share_prefill in modes else not share_prefill  # the kind that works
     return _generate(model, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                      eos_token_ids=eos_token_ids, temperature=temperature, top_p=top_p, share_prefill=share_prefill,
-                     rows_together=modes[share_prefill])
+                     rows_together=modes[share_prefill], float32_logits=cast)
+
+
+def _in_float32(tokens, logits):
+    return logits.astype(mx.float32)
 
 
 def _generate(model, prompts, *, group_size, max_new_tokens, eos_token_ids, temperature, top_p, share_prefill,
-              rows_together: int) -> Rollout:
+              rows_together: int, float32_logits: bool = False) -> Rollout:
     rows = [list(p) for p in prompts for _ in range(group_size)]
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
     generator = BatchGenerator(
@@ -151,6 +157,9 @@ def _generate(model, prompts, *, group_size, max_new_tokens, eos_token_ids, temp
         max_tokens=max_new_tokens,
         stop_tokens=[[t] for t in eos_token_ids],
         sampler=sampler,
+        # A bfloat16 model's log-softmax in bfloat16 is off by up to 0.1 nats; in float32, the
+        # sampler's log-probs are the trainer's (which computes them in float32 too).
+        logits_processors=[_in_float32] if float32_logits else None,
         # One decode batch for every row, so nothing queues behind the default limit of 32.
         completion_batch_size=rows_together or len(rows),
         prefill_batch_size=rows_together or len(rows),

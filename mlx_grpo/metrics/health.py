@@ -18,8 +18,9 @@ come from the seed notes (grpo-learning-log.md, rl-metrics-healthy-ranges.md):
 - judge_gaming (runs with a teacher): completions address the grader (Teacher/SuspectedGamingFrac > 0).
 - sampler_mismatch: the trainer's log-probs of the sampled tokens differ from the sampler's at the
   same weights by more than 0.05 nats per token on average (training/rollout_logprob_diff_mean);
-  rounding gives about 1e-6 in float32 and about 1e-2 in bfloat16, so more means the update
-  follows another distribution than the one that sampled (a wrong head, low-precision drift).
+  both compute in float32 from the model's logits, so rounding gives far less (about 1e-5), and
+  more means the update follows another distribution than the one that sampled (a wrong head,
+  low-precision drift).
 
 A missing key is "no data" (never 0). A non-finite value makes its check hold, so NaNs get reported
 instead of crashing the monitor. Each check reports once per episode (a run of consecutive steps
