@@ -11,3 +11,9 @@ class UserInputError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(err: BaseException) -> str:
+    """'ErrorType: the first line of its message', to quote a library's error inside one line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}{' ...' if len(lines) > 1 else ''}"

@@ -20,7 +20,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_grpo.errors import UserInputError
+from mlx_grpo.errors import UserInputError, first_line
 
 # The exact fallback runs model(tokens) on at most this many (position x vocab) logits at a time.
 OWN_FORWARD_LOGITS = 1 << 24
@@ -205,7 +205,7 @@ def check_logprob_path(model: nn.Module) -> LogprobPath:
         mx.eval(probe)
     except Exception as err:  # noqa: BLE001
         raise UserInputError(f"model {model_name(model)}: its own forward pass fails on a token batch "
-                             f"({type(err).__name__}: {err})") from None
+                             f"({first_line(err)})") from None
     vocab, tol = int(probe.shape[-1]), logprob_tolerance(probe.dtype)
     batch = _check_batch(vocab)
     tokens, plens, c, mask = batch
@@ -216,13 +216,12 @@ def check_logprob_path(model: nn.Module) -> LogprobPath:
     heads = [h for h in HEADS if h == "own_forward" or body_of(model) is not None]
     if linear_head(model) is None:
         heads = [h for h in heads if h != "linear"]
-    for head in heads:
-        plain = LogprobPath(head, "per_row", vocab)
-        gap = _gap(model, plain, batch, 1, want)
+    for head in heads:  # the last, own_forward, is model(tokens) itself: it cannot differ but by rounding
+        gap = _gap(model, LogprobPath(head, "per_row", vocab), batch, 1, want)
         if gap <= tol:
             break
     if head == "own_forward":
-        return LogprobPath("own_forward", "per_row", vocab, _gap(model, plain, batch, 1, want))
+        return LogprobPath("own_forward", "per_row", vocab, gap)
     for prompt in ("prompt_kv", "model_cache"):
         shared = LogprobPath(head, prompt, vocab)
         shared_gap = _gap(model, shared, batch, 2, want)

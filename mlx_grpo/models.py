@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_grpo.errors import UserInputError
+from mlx_grpo.errors import UserInputError, first_line
 from mlx_grpo.gguf import check_arch, gguf_architecture, gguf_header, materialize_gguf
 from mlx_grpo.gguf.convert import check_dtype, resolve_dtype
 
@@ -148,9 +148,7 @@ def load_model(path: str, dtype: str = "float32"):
         # No network or no such repository, an architecture this mlx-lm does not know, a config or
         # tokenizer it cannot read: a problem with the model given, said in one line.
         where = "from Hugging Face" if is_hf_id(resolved) else "with mlx-lm"
-        detail = str(err).strip().splitlines()
-        raise UserInputError(f"model {resolved}: cannot load {where} ({type(err).__name__}: "
-                             f"{detail[0] if detail else ''}{' ...' if len(detail) > 1 else ''})") from None
+        raise UserInputError(f"model {resolved}: cannot load {where} ({first_line(err)})") from None
     if dtype != "native":
         model.set_dtype(getattr(mx, dtype))
         mx.eval(model.parameters())

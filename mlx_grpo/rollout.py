@@ -16,7 +16,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_grpo.errors import UserInputError
+from mlx_grpo.errors import UserInputError, first_line
 from mlx_grpo.forward import logprob_tolerance, model_name, own_logprobs
 
 
@@ -107,7 +107,7 @@ def _decode_modes(model) -> tuple[dict[bool, int], bool]:
                 lengths = mx.array([len(p) for p in rollout.prompt_tokens], dtype=mx.int32)
                 gap = float(mx.abs(own_logprobs(model, tokens, lengths, 3) - mx.array(rollout.logprobs)).max().item())
             except Exception as err:  # noqa: BLE001  (a failing mode only means: not this one)
-                problems.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                problems.append(first_line(err))
                 continue
             if gap <= tolerance:
                 modes[shared] = rows_together

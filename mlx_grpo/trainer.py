@@ -126,8 +126,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             if rollouts.upcoming is not None:  # its sampler gap, while the weights are those that sampled it
                 rollouts.upcoming.sampler_gap = measure_sampler_gap(cfg, policy, rollouts.upcoming)
             timer.peak("rollout")
-            batch = to_train_batch(current.rollout, mask_truncated=cfg.grpo.mask_truncated,
-                                   pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
+            batch = train_batch(cfg, current.rollout)
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
                 old_logprobs, ref_logprobs, off_policy = policy.frozen_logprobs(batch, sampled)
@@ -204,11 +203,16 @@ def wrap_up(state: TrainState, policy: Policy, logger: RunLogger, checkpointer: 
     state.rewards = logger.rewards
 
 
+def train_batch(cfg: Config, rollout):
+    """The rollout as right-padded token rows and a loss mask (lengths bucketed under optim.compile)."""
+    return to_train_batch(rollout, mask_truncated=cfg.grpo.mask_truncated,
+                          pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
+
+
 def measure_sampler_gap(cfg: Config, policy: Policy, scored) -> dict:
     """training/rollout_logprob_diff_* and rollout_probs_diff_* of a batch sampled for a later
     step (rollout.pipeline), measured now, at the weights that sampled it."""
-    batch = to_train_batch(scored.rollout, mask_truncated=cfg.grpo.mask_truncated,
-                           pad_to=COMPILE_BUCKET if cfg.optim.compile else 1)
+    batch = train_batch(cfg, scored.rollout)
     return policy.sampler_gap(batch, scored.sampled_logprobs(batch.mask.shape[1]), [None])
 
 
