@@ -227,14 +227,13 @@ def check_memory_fit(cfg: Config, model, tokenizer, items: list[dict], console, 
 def run_training(cfg: Config, console, resume_dir: Path | None = None, force: bool = False) -> int:
     from rich.progress import Progress
 
+    from mlx_grpo.blas import missing_blas_problem
     from mlx_grpo.distributed import init_world
     from mlx_grpo.evaluate import held_out_items
     from mlx_grpo.metrics import MetricsHub
     from mlx_grpo.models import check_model, load_model
     from mlx_grpo.rewards import RubricWatcher, TeacherUnavailable
     from mlx_grpo.trainer import Prompts, RunIO, TrainingDiverged, train
-
-    from mlx_grpo.blas import missing_blas_problem
 
     if (problem := missing_blas_problem()) and not force:
         raise UserInputError(f"{problem}; or pass --force to train slowly")

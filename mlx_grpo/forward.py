@@ -119,7 +119,6 @@ def own_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
 
 
 HEADS = ("linear", "own_head", "own_forward")
-PROMPT_PASSES = ("prompt_kv", "model_cache", "per_row")
 
 
 @dataclass(frozen=True)
@@ -192,6 +191,18 @@ def model_name(model: nn.Module) -> str:
     return getattr(args, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
 
 
+def probe(model: nn.Module) -> tuple[int, mx.Dtype]:
+    """(vocabulary size, dtype of the logits) from one short forward pass of the model's own; a
+    model whose forward pass fails is refused in one line."""
+    try:
+        logits = model(mx.array([[1, 2]], dtype=mx.int32))
+        mx.eval(logits)
+    except Exception as err:  # noqa: BLE001
+        raise UserInputError(f"model {model_name(model)}: its own forward pass fails on a token batch "
+                             f"({first_line(err)})") from None
+    return int(logits.shape[-1]), logits.dtype
+
+
 def check_logprob_path(model: nn.Module) -> LogprobPath:
     """The fastest path whose log-probs equal log_softmax(model(tokens)) on a short batch, within
     rounding of the model's dtype; raises UserInputError when the model cannot run even that.
@@ -200,13 +211,8 @@ def check_logprob_path(model: nn.Module) -> LogprobPath:
     a shortcut differ, a softcap after the head or a layer that no KV cache fits, is found here,
     not by a list of architecture names.
     """
-    try:
-        probe = model(mx.array([[1, 2]], dtype=mx.int32))
-        mx.eval(probe)
-    except Exception as err:  # noqa: BLE001
-        raise UserInputError(f"model {model_name(model)}: its own forward pass fails on a token batch "
-                             f"({first_line(err)})") from None
-    vocab, tol = int(probe.shape[-1]), logprob_tolerance(probe.dtype)
+    vocab, dtype = probe(model)
+    tol = logprob_tolerance(dtype)
     batch = _check_batch(vocab)
     tokens, plens, c, mask = batch
     want = own_logprobs(model, tokens, plens, c)

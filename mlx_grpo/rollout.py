@@ -17,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_grpo.errors import UserInputError, first_line
-from mlx_grpo.forward import logprob_tolerance, model_name, own_logprobs
+from mlx_grpo.forward import logprob_tolerance, model_name, own_logprobs, probe
 
 
 @dataclass
@@ -90,8 +90,8 @@ def check_generation(model) -> str:
 
 
 def _decode_modes(model) -> tuple[dict[bool, int], bool]:
-    probe = model(mx.array([[1]], dtype=mx.int32))
-    vocab, tolerance, cast = int(probe.shape[-1]), logprob_tolerance(probe.dtype), probe.dtype != mx.float32
+    vocab, dtype = probe(model)
+    tolerance, cast = logprob_tolerance(dtype), dtype != mx.float32
     high = min(vocab, 1000)
     prompts = [[(7 * i + 3) % high + 1 for i in range(n)] for n in (3, 6)]
     modes, problems = {}, []
