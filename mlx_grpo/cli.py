@@ -126,8 +126,8 @@ def start_scorer(cfg: Config, rubric, run_dir: Path | None, console, notify):
         except BaseException:
             scorer.close()
             raise
-        console.print(f"Teacher: {t.model} at {t.shown_url} ({t.mode} mode) answers. Score cache: {cache}",
-                      soft_wrap=True)
+        console.print(f"Teacher: {t.model} at {t.shown_url} ({t.mode} mode) answers; "
+                      f"{scorer.teacher.describe_scoring()}. Score cache: {cache}", soft_wrap=True)
     return scorer
 
 

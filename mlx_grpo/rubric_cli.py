@@ -182,7 +182,9 @@ def run_check(args, console) -> int:
                 scorer.preflight()
             finally:
                 scorer.close()
-            console.print(f"teacher {rubric.teacher_config.model} at {rubric.teacher_config.shown_url}: ok")
+            how = f"; {scorer.teacher.describe_scoring()}" if scorer.teacher is not None else ""
+            console.print(f"teacher {rubric.teacher_config.model} at {rubric.teacher_config.shown_url}: ok{how}",
+                          markup=False, soft_wrap=True)
     console.print(f"{args.rubric}: ok")
     return 0
 
@@ -268,15 +270,21 @@ def run_audit(args, console) -> int:
     cfg = rubric.teacher_config
     teacher = Teacher(cfg, rubric.criteria, rubric.version, warn=lambda text: console.print(f"teacher: {text}",
                                                                                              markup=False))
-    console.print(f"auditing teacher {cfg.model} at {cfg.shown_url} (mode {cfg.mode}) on {len(groups)} groups, "
-                  f"{sum(len(g.completions) for g in groups)} completions", markup=False, soft_wrap=True)
     auditor = Auditor(teacher, repeats=args.repeats)
-    status = console.status("probing...")
+
+    async def check_teacher():  # in the probes' event loop, where the teacher's client lives
+        await teacher.preflight()
+        console.print(f"auditing teacher {cfg.model} at {cfg.shown_url} (mode {cfg.mode}, "
+                      f"{teacher.describe_scoring()}) on {len(groups)} groups, "
+                      f"{sum(len(g.completions) for g in groups)} completions", markup=False, soft_wrap=True)
+
+    status = console.status(f"checking the teacher {cfg.model} at {cfg.shown_url}...")
     status.start()
     try:
         # The labels probe scores the hand-scored examples, whatever --data holds.
         plan = [(probe, examples if probe == "labels" else groups) for probe in PROBES]
-        results = run_probes(auditor, plan, progress=lambda probe: status.update(f"probe {probe}..."))
+        results = run_probes(auditor, plan, progress=lambda probe: status.update(f"probe {probe}..."),
+                             before=check_teacher)
     finally:
         status.stop()
     table = Table(title=f"teacher audit: {cfg.model} on {rubric.name}")
@@ -291,7 +299,7 @@ def run_audit(args, console) -> int:
     failed = [r.probe for r in results if r.verdict == "fail"]
     if args.json:
         report = {"rubric": rubric.path, "rubric_version": rubric.version, "teacher": cfg.model,
-                  "base_url": cfg.shown_url, "mode": cfg.mode, "groups": len(groups),
+                  "base_url": cfg.shown_url, "mode": cfg.mode, "scoring": teacher.scoring, "groups": len(groups),
                   "results": [dataclasses.asdict(r) for r in results],
                   "usage": {"requests": usage.requests, "tokens": usage.tokens, "cost_usd": usage.cost_usd}}
         with open(args.json, "w", encoding="utf-8") as f:

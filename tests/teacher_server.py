@@ -17,12 +17,20 @@ request and replies with valid JSON, giving each criterion 9 when the answer con
 `script_when[text]` holds actions for only the requests whose messages contain `text`; they
 are used before `script`, so a test can make one group fail however requests interleave.
 
+A request with `logprobs: true` (log-prob scoring) gets one score token, with the first token's
+top log-probs from `token_probs(answer, criterion line)`: by default the digit 8 for an answer
+containing "GOOD" and 2 otherwise, its mass split between the variants "8" and "Ġ8", with 0.1 on
+a non-score token. `logprobs` says how the server treats such requests: "yes", "absent" (no
+log-probs in the reply, as LM Studio) or "reject" (HTTP 400). `ignores_response_format` makes it
+drop `response_format` silently and wrap its JSON in prose, as mlx_lm.server does with a small model.
+
 Every request is recorded (time, path, headers, JSON body) in `requests`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -32,6 +40,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ANSWER_RE = re.compile(r"<<<answer (\w+) [0-9a-f]+>>>\n(.*?)\n<<<end answer \1 [0-9a-f]+>>>", re.DOTALL)
 SINGLE_RE = re.compile(r"<<<answer [0-9a-f]+>>>\n(.*?)\n<<<end answer [0-9a-f]+>>>", re.DOTALL)
 CRITERION_RE = re.compile(r"^- (\S+) \(score (\S+) to (\S+)\):", re.MULTILINE)
+ONE_CRITERION_RE = re.compile(r"## Criterion\n(- .*)")
+
+
+def token_probs(answer: str, criterion: str) -> list[tuple[str, float]]:
+    """The first reply token's distribution for a log-prob request: (token, probability)."""
+    if "(yes or no)" in criterion:
+        word = "yes" if "GOOD" in answer else "no"
+        return [(word, 0.6), (word.capitalize(), 0.3), ("The", 0.1)]
+    digit = "8" if "GOOD" in answer else "2"
+    return [(digit, 0.6), ("Ġ" + digit, 0.3), ("The", 0.1)]
 
 
 def grade(text: str) -> float:
@@ -48,6 +66,10 @@ class ScriptedTeacher:
         self.in_flight = 0
         self.max_in_flight = 0
         self.reject_response_formats: set[str] = set()  # e.g. {"json_schema"}: answer those with 400
+        self.ignores_response_format = False
+        self.logprobs = "yes"  # yes | absent | reject
+        self.max_top_logprobs = 20  # more is answered with 400, as mlx_lm.server does above 11
+        self.token_probs = token_probs  # (answer, criterion line) -> [(token, probability)]
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -79,7 +101,11 @@ class ScriptedTeacher:
         if isinstance(action, tuple) and action[0] == "sleep":
             time.sleep(action[1])
             action = "ok"
+        if body.get("logprobs"):
+            return self.logprob_reply(body)
         fmt = (body.get("response_format") or {}).get("type")
+        if self.ignores_response_format:
+            fmt, action = None, "fenced" if action == "ok" else action
         if fmt in self.reject_response_formats:
             return 400, {}, {"error": {"message": f"response_format {fmt} is not supported", "type": "invalid"}}
         content = self.grade_request(body, action)
@@ -93,6 +119,26 @@ class ScriptedTeacher:
         if action != "no_usage":
             reply["usage"] = {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
         return 200, {}, reply
+
+    def logprob_reply(self, body: dict) -> tuple[int, dict, dict]:
+        if self.logprobs == "reject":
+            return 400, {}, {"error": {"message": "logprobs are not supported", "type": "invalid"}}
+        top = body.get("top_logprobs") or 0
+        if top > self.max_top_logprobs:
+            return 400, {}, {"error": {"message": f"top_logprobs must be at most {self.max_top_logprobs}",
+                                       "type": "invalid"}}
+        user = body["messages"][-1]["content"]
+        answer = SINGLE_RE.search(user)
+        criterion = ONE_CRITERION_RE.search(user)
+        probs = self.token_probs(answer.group(1) if answer else "", criterion.group(1) if criterion else "")
+        entries = [{"token": token, "logprob": math.log(p), "bytes": None} for token, p in probs][:max(top, 1)]
+        first = max(entries, key=lambda e: e["logprob"])
+        choice = {"index": 0, "message": {"role": "assistant", "content": first["token"]}, "finish_reason": "length"}
+        if self.logprobs == "yes":
+            choice["logprobs"] = {"content": [dict(first, top_logprobs=entries)]}
+        return 200, {}, {"id": "x", "object": "chat.completion", "created": 0, "model": self.model,
+                         "choices": [choice], "usage": {"prompt_tokens": 100, "completion_tokens": 1,
+                                                         "total_tokens": 101}}
 
     def grade_request(self, body: dict, action) -> str:
         user = body["messages"][1]["content"] if len(body["messages"]) > 1 else body["messages"][0]["content"]

@@ -157,18 +157,36 @@ def test_audit_without_data_or_examples_says_what_to_give(capsys, tmp_path):
 
 
 def test_teacher_failure_is_a_failed_probe_not_a_crash(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens on port 9
-    monkeypatch.setenv("TEACHER_MODEL", "rule-teacher")
+    from collections import deque
+
+    from teacher_server import ScriptedTeacher
+
+    server = ScriptedTeacher()  # answers the preflight's scoring check, then fails every request
+    server.script = deque(["ok"] + [("status", 500, {})] * 200)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("TEACHER_MODEL", "scripted-teacher")
     monkeypatch.setenv("TEACHER_KEY_ENV", "")
     text = Path(RUBRIC).read_text().replace("timeout_s: 120", "timeout_s: 2\n  max_retries: 0")
     rubric = tmp_path / "r.yaml"
     rubric.write_text(text)
     out = tmp_path / "a.json"
-    assert main(["audit", str(rubric), "--json", str(out), "--probes", "1"]) == 1
+    try:
+        assert main(["audit", str(rubric), "--json", str(out), "--probes", "1"]) == 1
+    finally:
+        server.close()
     report = json.loads(out.read_text())
     assert verdicts(report)["injection"] == "fail"
     assert "no valid score" in report["results"][0]["detail"]
     assert all(not math.isnan(r["value"]) for r in report["results"] if r["value"] is not None)
+
+
+def test_audit_of_an_unreachable_teacher_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens on port 9
+    monkeypatch.setenv("TEACHER_MODEL", "rule-teacher")
+    monkeypatch.setenv("TEACHER_KEY_ENV", "")
+    assert main(["audit", RUBRIC, "--probes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:9/v1: connection refused" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("examples, fragment", [

@@ -1,6 +1,6 @@
 """Smoke test against a real third-party server: `mlx_lm.server` serving the embedded SmolLM2 as
-the teacher. It checks the protocol end to end (preflight, requests, usage, JSON extraction or
-masking), not the quality of a 135M model's grading."""
+the teacher. It checks the protocol end to end (the preflight's scoring checks, requests, usage, JSON
+extraction or log-prob reading, masking), not the quality of a 135M model's grading."""
 
 from __future__ import annotations
 
@@ -57,19 +57,23 @@ def mlx_lm_server(tmp_path_factory):
     log.close()
 
 
-@pytest.mark.parametrize("mode", ["group", "single"])
-def test_mlx_lm_server_as_teacher(mlx_lm_server, tmp_path, mode):
+@pytest.mark.parametrize("mode, scoring", [("group", "auto"), ("single", "auto"), ("single", "logprobs")])
+def test_mlx_lm_server_as_teacher(mlx_lm_server, tmp_path, mode, scoring):
     rubric_path = tmp_path / "r.yaml"
+    # A 135M judge puts little probability on the digits: any mass is taken in the log-prob case.
+    mass = ", min_logprob_mass: 0" if scoring == "logprobs" else ""
     rubric_path.write_text(
         f"name: smoke\nteacher: {{model: default_model, base_url: '{mlx_lm_server}', mode: {mode},\n"
-        "  max_tokens: 96, max_retries: 0, timeout_s: 120}\n"
+        f"  scoring: {scoring}{mass}, max_tokens: 96, max_retries: 0, timeout_s: 120}}\n"
         "criteria:\n"
         "  - {name: Answer, weight: 1, check: number_check}\n"
         "  - {name: Clarity, weight: 1, judge: The answer is stated clearly.}\n")
     warnings = []
     scorer = Scorer(load_rubric(rubric_path), cache_path=tmp_path / "cache.sqlite", warn=warnings.append)
     try:
-        scorer.preflight()  # one tiny request: reachable, model served
+        scorer.preflight()  # real judging requests: which way of scoring the server honours
+        chosen = scorer.teacher.scoring
+        preflight = scorer.usage.requests
         sample = {"prompt": "What is 2 + 3?", "answer": "5"}
         texts = ["<answer>5</answer>", "It is 6."]
         result = scorer.score([sample, sample], texts, contiguous_groups(2, 2))
@@ -77,8 +81,17 @@ def test_mlx_lm_server_as_teacher(mlx_lm_server, tmp_path, mode):
     finally:
         scorer.close()
 
-    expected_requests = 1 + (1 if mode == "group" else 2)  # preflight + scoring (no retries)
-    assert usage.requests == expected_requests
+    # mlx_lm.server drops response_format silently: the preflight must not trust json_schema.
+    assert chosen != "json_schema"
+    if scoring == "auto":
+        assert "json_schema: the reply was not the JSON asked for" in scorer.teacher.scoring_note
+    else:
+        # 20 top log-probs are refused with a 400 (it takes at most 11); the check asks again for 10.
+        assert chosen == "logprobs" and preflight == 2 and scorer.teacher.top_logprobs == 10
+        assert usage.token_scores == 2 and usage.invalid_replies == 0  # log-probs came back for each score
+    # The preflight, then one request per group (or completion, or completion x judge criterion).
+    per_score = 1 if chosen != "logprobs" and mode == "group" else 2
+    assert usage.requests == preflight + per_score
     assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
     assert usage.estimated_requests == 0  # mlx_lm.server reports usage
     # Each completion is either scored in [0, 1] or masked (NaN, counted); never a silent 0.

@@ -48,13 +48,13 @@ def test_check_reports_one_line_naming_file_criterion_and_field(capsys, tmp_path
     assert "Style" in err and "teacher" in err
 
 
-def test_check_ping_sends_one_tiny_request(capsys, tmp_path, server):
+def test_check_ping_checks_the_scoring(capsys, tmp_path, server):
     path = tmp_path / "r.yaml"
     path.write_text(f"teacher: {{model: scripted-teacher, base_url: '{server.url}'}}\n"
                     "criteria:\n  - {name: Style, weight: 1, judge: Nice.}\n")
     code, out, _ = run(capsys, "check", str(path), "--ping")
-    assert code == 0 and f"teacher scripted-teacher at {server.url}: ok" in out
-    assert len(server.chat_requests) == 1 and server.chat_requests[0]["body"]["max_tokens"] == 16
+    assert code == 0 and f"teacher scripted-teacher at {server.url}: ok; scoring json_schema" in " ".join(out.split())
+    assert len(server.chat_requests) == 1 and server.chat_requests[0]["body"]["response_format"]["type"] == "json_schema"
 
 
 def test_score_flags_match_the_library(capsys):

@@ -318,7 +318,7 @@ def test_preflight_rejected_key_is_not_echoed(tmp_path, monkeypatch, server, mak
     assert "rejected the API key from MLX_GRPO_TEST_KEY (401)" in str(info.value)
     assert "sk-test" not in str(info.value)
     assert server.chat_requests[0]["headers"]["authorization"] == "Bearer sk-test-abcdef123456"
-    assert server.chat_requests[0]["body"]["max_tokens"] == 16
+    assert server.chat_requests[0]["body"]["response_format"]["type"] == "json_schema"  # the scoring check
 
 
 def test_preflight_unknown_model(tmp_path, server, make_scorer):
@@ -328,9 +328,12 @@ def test_preflight_unknown_model(tmp_path, server, make_scorer):
         scorer.preflight()
 
 
-def test_preflight_ok_sends_one_tiny_request(tmp_path, server, make_scorer):
-    make_scorer(write_rubric(tmp_path, server.url)).preflight()
-    assert len(server.chat_requests) == 1
+def test_preflight_ok_sends_one_small_judging_request(tmp_path, server, make_scorer):
+    scorer = make_scorer(write_rubric(tmp_path, server.url))
+    scorer.preflight()
+    assert len(server.chat_requests) == 1  # JSON schema honoured: the first scoring check passes
+    assert "## Student answers (2: A, B)" in server.chat_requests[0]["body"]["messages"][1]["content"]
+    assert scorer.teacher.scoring == "json_schema"
 
 
 # -- parsing (pure) ---------------------------------------------------------------------------------

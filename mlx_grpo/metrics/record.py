@@ -162,6 +162,7 @@ def teacher_metrics(step_usage, total_usage, latencies: list[float]) -> dict[str
         "Scoring/Teacher_FailureRate": total_usage.failed / judged if judged else 0.0,
         "Scoring/Teacher_ParseErrorRate": total_usage.invalid_replies / total_usage.requests if total_usage.requests else 0.0,
         "Scoring/Teacher_CacheHitRate": total_usage.cache_hits / looked_up if looked_up else 0.0,
+        "Scoring/Teacher_LowMassRate": total_usage.low_mass / total_usage.token_scores if total_usage.token_scores else 0.0,
         "Scoring/Teacher_Tokens": total_usage.tokens,
         "Scoring/Teacher_CostUSD": total_usage.cost_usd,
     }
@@ -178,6 +179,7 @@ def teacher_metrics(step_usage, total_usage, latencies: list[float]) -> dict[str
         "Teacher/Retries": step_usage.retries,
         "Teacher/InvalidReplies": step_usage.invalid_replies,
         "Teacher/Failed": step_usage.failed,
+        "Teacher/LowMass": step_usage.low_mass,
         "Teacher/EstimatedUsageRequests": step_usage.estimated_requests,
         "Teacher/CostUSD": step_usage.cost_usd,
         "Teacher/CostUSDTotal": total_usage.cost_usd,

@@ -239,8 +239,8 @@ class Auditor:
                            {"mean_gain": gain, "max_gain": float(max(gains)), "raised": raised, "groups": len(gains)})
 
     async def position(self, groups: list[Group]) -> ProbeResult:
-        if not self._grouped:
-            return ProbeResult("position", "skip", math.nan, "mode: single shows one answer at a time")
+        if not self.teacher.shows_groups:
+            return ProbeResult("position", "skip", math.nan, f"{self._one_at_a_time}: no position to be biased by")
         spreads, correlations, shown_orders = [], [], 0
         for group in groups:
             n = len(group.completions)
@@ -343,6 +343,8 @@ class Auditor:
         return ProbeResult("labels", worst(verdicts), float(max(maes)), "; ".join(parts), metrics)
 
     async def group_vs_single(self, groups: list[Group]) -> ProbeResult:
+        if self.teacher.scoring == "logprobs":
+            return ProbeResult("group_vs_single", "skip", math.nan, f"{self._one_at_a_time}: nothing to compare")
         together_all, alone_all, sized = [], [], False
         for group in groups:
             if len(group.completions) < 2:
@@ -364,15 +366,19 @@ class Auditor:
                            f"{len(together_all)} answers", {"mae": mae, "spearman": rho})
 
     @property
-    def _grouped(self) -> bool:
-        return self.teacher.cfg.mode == "group"
+    def _one_at_a_time(self) -> str:
+        return ("scoring: logprobs judges one answer at a time" if self.teacher.scoring == "logprobs"
+                else "mode: single shows one answer at a time")
 
 
-def run_probes(auditor: Auditor, plan: list[tuple[str, list[Group]]], progress=None) -> list[ProbeResult]:
+def run_probes(auditor: Auditor, plan: list[tuple[str, list[Group]]], progress=None, before=None) -> list[ProbeResult]:
     """Each (probe, groups) of `plan` in turn, in one fresh event loop (the teacher's client lives in
-    it, and is closed at the end); `progress(probe)` is called before each."""
+    it, and is closed at the end); `before()` is awaited first (the preflight), and `progress(probe)`
+    is called before each probe."""
     async def all_probes():
         try:
+            if before is not None:
+                await before()
             results = []
             for probe, groups in plan:
                 if progress is not None:

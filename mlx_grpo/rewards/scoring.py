@@ -152,6 +152,8 @@ class Scorer:
             self.teacher = None
         elif old is None or old.cfg != config:
             self.teacher = Teacher(config, rubric.criteria, rubric.version, self.cache, warn=self.warn)
+            if old is not None:
+                self._carry_scoring(old, self.teacher)
         else:
             old.criteria = [c for c in rubric.criteria if c.judge is not None]
             old.rubric_version = rubric.version
@@ -164,9 +166,22 @@ class Scorer:
         self.rubric = rubric
 
     def preflight(self) -> None:
-        """Check the teacher answers at all (raises UserInputError with what to fix)."""
+        """Check the teacher answers, and how it can score (raises UserInputError with what to fix)."""
         if self.teacher is not None:
             self._run(self.teacher.preflight())
+
+    def _carry_scoring(self, old: Teacher, new: Teacher) -> None:
+        """A teacher edited in the rubric keeps what the preflight found about the same server; a new
+        server or way of scoring is checked again (a failure keeps the configured default, with a warning)."""
+        same = ("model", "base_url", "scoring", "chat_template_kwargs", "reasoning_effort", "min_logprob_mass")
+        if all(getattr(old.cfg, key) == getattr(new.cfg, key) for key in same):
+            new.scoring, new.scoring_note, new.top_logprobs = old.scoring, old.scoring_note, old.top_logprobs
+            return
+        try:
+            self._run(new.preflight())
+            self.warn(f"the edited rubric's teacher answers; {new.describe_scoring()}")
+        except UserInputError as err:
+            self.warn(f"the edited rubric's teacher failed its check: {err}")
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -237,6 +252,7 @@ class Scorer:
                                             warn=self.warn), orders=2)
         auditor = self._auditor
         auditor.teacher.criteria = list(self.teacher.criteria)
+        auditor.teacher.scoring, auditor.teacher.top_logprobs = self.teacher.scoring, self.teacher.top_logprobs
         auditor.forget()
         rows = max(groups, key=len)
         sample = samples[rows[0]]

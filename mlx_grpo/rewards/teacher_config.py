@@ -5,6 +5,7 @@
       base_url: ${OPENAI_BASE_URL:-https://api.openai.com/v1}
       api_key_env: OPENAI_API_KEY      # the NAME of the variable; the key never goes in YAML
       mode: group                      # one request per prompt group (default), or single
+      scoring: auto                    # auto, json_schema, logprobs, json_object or text (checked at preflight)
       max_concurrency: 4
       requests_per_minute: 0           # 0 = no client-side limit (429 Retry-After is still honoured)
       budget: {usd: 2.0, prices: {gpt-4o-mini: {input: 0.15, output: 0.60}}}   # or {tokens: 500000}
@@ -25,7 +26,9 @@ from urllib.parse import urlsplit, urlunsplit
 from mlx_grpo.errors import UserInputError
 
 MODES = ("group", "single")
-RESPONSE_FORMATS = ("auto", "json_schema", "json_object", "text")
+# How scores are asked for, best first: `auto` takes the first one the preflight finds working.
+SCORING = ("auto", "json_schema", "logprobs", "json_object", "text")
+RENAMED = {"response_format": "scoring"}
 ON_GAMING = ("warn", "mask", "zero")
 
 
@@ -66,7 +69,10 @@ class TeacherConfig:
     max_retries: int = 3  # per request, for transient HTTP errors and invalid replies alike
     backoff_s: float = 1.0  # first retry delay; doubles each retry, with jitter
     max_backoff_s: float = 60.0
-    response_format: str = "auto"  # auto: try JSON schema, fall back to JSON mode, then plain text
+    scoring: str = "auto"  # json_schema, logprobs (one score token), json_object, text; auto: the best that works
+    min_logprob_mass: float = 0.5  # logprobs: a score whose score tokens hold less probability is unanswered
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to the server, e.g. {enable_thinking: false}
+    reasoning_effort: str = ""  # passed to the server when set, e.g. low (reasoning models)
     max_failure_rate: float = 0.5  # stop the run when more than this fraction of recent scores fail
     failure_window: int = 64  # ... measured over this many recent judged completions (once a quarter are in)
     budget: Budget = field(default_factory=Budget)
@@ -84,6 +90,9 @@ KEYS = tuple(f.name for f in fields(TeacherConfig))
 
 def parse_teacher(raw: dict, where: str) -> TeacherConfig:
     """Validate an interpolated `teacher:` mapping; `where` prefixes every error ("file: teacher")."""
+    for old, new in RENAMED.items():
+        if old in raw:
+            raise UserInputError(f"{where}.{old}: renamed to {new} (one of {', '.join(SCORING)})")
     if "api_key" in raw:  # never echo the value: it is a secret
         raise UserInputError(f"{where}.api_key: do not put the key in the rubric; export it and name the "
                              "variable in api_key_env (e.g. api_key_env: OPENAI_API_KEY)")
@@ -102,7 +111,7 @@ def parse_teacher(raw: dict, where: str) -> TeacherConfig:
             values[key] = raw[key].strip()
     if not values.get("base_url", "http://").startswith(("http://", "https://")):
         raise UserInputError(f"{where}.base_url: must start with http:// or https://, got {values['base_url']!r}")
-    for key, choices in (("mode", MODES), ("response_format", RESPONSE_FORMATS), ("on_gaming", ON_GAMING)):
+    for key, choices in (("mode", MODES), ("scoring", SCORING), ("on_gaming", ON_GAMING)):
         if key in raw:
             if raw[key] not in choices:
                 raise UserInputError(f"{where}.{key}: must be one of {', '.join(choices)}, got {raw[key]!r}")
@@ -120,6 +129,20 @@ def parse_teacher(raw: dict, where: str) -> TeacherConfig:
         if rate > 1:
             raise UserInputError(f"{where}.max_failure_rate: must be between 0 and 1, got {raw['max_failure_rate']!r}")
         values["max_failure_rate"] = rate
+    if "min_logprob_mass" in raw:
+        mass = _number(raw["min_logprob_mass"], f"{where}.min_logprob_mass", low=0.0)
+        if mass > 1:
+            raise UserInputError(f"{where}.min_logprob_mass: must be between 0 and 1, got {raw['min_logprob_mass']!r}")
+        values["min_logprob_mass"] = mass
+    if raw.get("chat_template_kwargs") is not None:
+        if not isinstance(raw["chat_template_kwargs"], dict):
+            raise UserInputError(f"{where}.chat_template_kwargs: must be a mapping, e.g. {{enable_thinking: false}}, "
+                                 f"got {raw['chat_template_kwargs']!r}")
+        values["chat_template_kwargs"] = dict(raw["chat_template_kwargs"])
+    if raw.get("reasoning_effort"):
+        if not isinstance(raw["reasoning_effort"], str):
+            raise UserInputError(f"{where}.reasoning_effort: must be text such as low, got {raw['reasoning_effort']!r}")
+        values["reasoning_effort"] = raw["reasoning_effort"].strip()
     if raw.get("budget") is not None:
         values["budget"] = _budget(raw["budget"], f"{where}.budget", values["model"])
     return TeacherConfig(**values)
