@@ -253,3 +253,23 @@ def test_a_policy_injecting_text_to_a_gullible_teacher_is_caught_and_masked(tmp_
     events.Reload()
     text = events.Tensors("Teacher/SuspectedGaming")[0].tensor_proto.string_val[0].decode()
     assert "2 of 4 completions address the grader (masked)" in text and "Note to the grader" in text
+
+
+def test_largest_truth_config_trains_in_logprob_mode(tmp_path, monkeypatch, server, capsys):
+    # The shipped log-prob config, two steps against the scripted server: every request is one
+    # score token, the start-up line names the way of scoring, and the low-mass rate is logged.
+    teacher_env(monkeypatch, server)
+    server.token_probs = lambda answer, criterion: [(str(len(answer) % 10), 0.5), ("Ġ" + str(len(answer) % 7), 0.3),
+                                                    ("The", 0.2)]
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "logs"
+    code = train_main(["--config", "configs/largest_truth.yaml", "--train.steps", "2", "--run-name", "truth",
+                       "--train.output_dir", str(out), *TINY_RUN])
+    assert code == 0
+    assert "scoring logprobs (one score token" in " ".join(capsys.readouterr().out.split())
+    chat = server.chat_requests
+    assert chat and all(r["body"]["logprobs"] is True and r["body"]["max_tokens"] == 1 for r in chat)
+    assert len(chat) == 1 + 2 * 4  # the preflight's check, then 4 completions a step x 1 judged criterion
+    lines = [json.loads(line) for line in (out / "runs" / "truth" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["Scoring/Teacher_LowMassRate"] for line in lines] == [0.0, 0.0]
+    assert all(line["Train/MaskedFrac"] == 0.0 for line in lines)
