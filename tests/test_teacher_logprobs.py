@@ -79,6 +79,7 @@ def test_logprob_scores_over_http(server, tmp_path, make_scorer):
     scorer = make_scorer(write_rubric(tmp_path, server.url, ", scoring: logprobs"))
     scorer.preflight()
     assert scorer.teacher.scoring == "logprobs"
+    assert "each completion judged alone" in scorer.teacher.describe_scoring()  # the rubric's mode is group
     samples, texts = batch(num_prompts=2, group_size=4)
     server.requests.clear()
     result = score(scorer, samples, texts)

@@ -190,6 +190,8 @@ class Teacher:
                "text": "JSON read from plain text",
                "logprobs": f"one score token, read from its top-{self.top_logprobs} log-probs"}[self.scoring]
         line = f"scoring {self.scoring} ({how})"
+        if self.scoring == "logprobs" and self.cfg.mode == "group":
+            line += ", each completion judged alone (group mode shows groups only to JSON scoring)"
         if self.cfg.scoring == "auto":
             line += ", chosen by auto" + (f" after {self.scoring_note}" if self.scoring_note else "")
         return line
