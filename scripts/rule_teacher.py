@@ -787,24 +787,17 @@ def _rule_mapping(text: str) -> tuple[str, str]:
     return name, rule
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+def _whole_number(low: int):
+    """An argparse type: a whole number >= low, else a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        return value
+    return parse
 
 
 def _sigma(text: str) -> float:
@@ -897,7 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score the judge criterion NAME with RULE (repeat for each criterion)")
     parser.add_argument("--default-rule", choices=list(RULES), metavar="RULE",
                         help="rule for criteria with no --rule (default: none, such criteria get HTTP 400)")
-    parser.add_argument("--concise-words", type=_positive, default=DEFAULT_CONCISE_WORDS, metavar="N",
+    parser.add_argument("--concise-words", type=_whole_number(1), default=DEFAULT_CONCISE_WORDS, metavar="N",
                         help=f"word count the concise rule allows at full score (default {DEFAULT_CONCISE_WORDS})")
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
                         help=f"model id listed by GET /v1/models (default {DEFAULT_MODEL_NAME})")
@@ -913,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-response-format", action="store_true",
                         help="act like mlx_lm.server with a small model, which drops response_format: wrap every "
                              "JSON reply in prose and a ```json fence (one-token replies are unchanged)")
-    parser.add_argument("--max-top-logprobs", type=_count, default=DEFAULT_MAX_TOP_LOGPROBS, metavar="N",
+    parser.add_argument("--max-top-logprobs", type=_whole_number(0), default=DEFAULT_MAX_TOP_LOGPROBS, metavar="N",
                         help=f"answer HTTP 400 'top_logprobs must be at most N' to a request for more "
                              f"(default {DEFAULT_MAX_TOP_LOGPROBS}; mlx_lm.server takes at most 11)")
     parser.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
