@@ -264,15 +264,9 @@ class Teacher:
         if not (self.cfg.mode == "group" if grouped is None else grouped):
             replies = await asyncio.gather(*(self._judge_one(prompt, reference, text) for text in completions))
             return list(replies)
-        ids = judge.completion_ids(len(completions))
-        messages = judge.group_messages(prompt, reference, list(zip(ids, completions)), self.criteria)
-        schema = judge.reply_schema(self.criteria, grouped=True)
-        reply = await self._ask(messages, self._json_reader(lambda text: judge.parse_group_reply(text, ids,
-                                                                                                  self.criteria)),
-                                schema=schema)
-        if reply is None:
-            return [None] * len(completions)
-        return [{name: list(v) for name, v in reply[cid].items()} for cid in ids]
+        messages, schema, parse = self._json_request(prompt, reference, completions, grouped=True)
+        replies = await self._ask(messages, self._json_reader(parse), schema=schema)
+        return [None] * len(completions) if replies is None else replies
 
     async def _judge_together(self, prompt: str, reference: str | None, todo: dict[str, str]) -> dict:
         keys = list(todo)
@@ -282,12 +276,27 @@ class Teacher:
         return {key: reply for key, reply in zip(keys, replies) if reply is not None}
 
     async def _judge_one(self, prompt: str, reference: str | None, completion: str) -> dict | None:
-        messages = judge.single_messages(prompt, reference, completion, self.criteria)
-        schema = judge.reply_schema(self.criteria, grouped=False)
-        reply = await self._ask(messages, self._json_reader(lambda text: judge.parse_single_reply(text,
-                                                                                                   self.criteria)),
-                                schema=schema)
-        return None if reply is None else {name: list(v) for name, v in reply.items()}
+        messages, schema, parse = self._json_request(prompt, reference, [completion], grouped=False)
+        replies = await self._ask(messages, self._json_reader(parse), schema=schema)
+        return None if replies is None else replies[0]
+
+    def _json_request(self, prompt: str, reference: str | None, completions: list[str], grouped: bool):
+        """(messages, schema, parse) of a JSON judging request showing `completions` in this order (one,
+        unless grouped); `parse(text)` gives each completion's {criterion: [score, justification]}, or
+        raises InvalidReply."""
+        if grouped:
+            ids = judge.completion_ids(len(completions))
+            messages = judge.group_messages(prompt, reference, list(zip(ids, completions)), self.criteria)
+
+            def parse(text: str) -> list[dict]:
+                reply = judge.parse_group_reply(text, ids, self.criteria)
+                return [{name: list(v) for name, v in reply[cid].items()} for cid in ids]
+        else:
+            messages = judge.single_messages(prompt, reference, completions[0], self.criteria)
+
+            def parse(text: str) -> list[dict]:
+                return [{name: list(v) for name, v in judge.parse_single_reply(text, self.criteria).items()}]
+        return messages, judge.reply_schema(self.criteria, grouped=grouped), parse
 
     async def _judge_by_tokens(self, prompt: str, reference: str | None, completion: str) -> dict | None:
         """One request per criterion, each asking for one score token; None if any is unanswered."""
@@ -318,10 +327,10 @@ class Teacher:
                 raise Unanswered(f"the teacher at {self.cfg.shown_url} returned no log-probs")
             score = judge.read_token_scores(candidates, criterion)
             self.usage.token_scores += 1
-            if score.value is None or score.mass < self.cfg.min_logprob_mass:
+            problem = _low_mass(score, candidates, choice, self.cfg.min_logprob_mass)
+            if problem:
                 self.usage.low_mass += 1
-                raise Unanswered(f"{criterion.name}: {low_mass_text(score, candidates, self.cfg.min_logprob_mass)}"
-                                 + _thinking_hint(choice, candidates))
+                raise Unanswered(f"{criterion.name}: {problem}")
             return score
         return read
 
@@ -427,16 +436,9 @@ class Teacher:
             if scoring == "text":  # the normal path, retries included: prose around the JSON is fine here
                 replies = await self.judge_in_order(PROBE_TASK, PROBE_REFERENCE, completions)
                 return None if all(r is not None for r in replies) else f"no usable reply ({self.last_error})"
-            ids = judge.completion_ids(len(completions))
-            if self.cfg.mode == "group":
-                messages = judge.group_messages(PROBE_TASK, PROBE_REFERENCE, list(zip(ids, completions)),
-                                                self.criteria)
-                parse = lambda text: judge.parse_group_reply(text, ids, self.criteria)  # noqa: E731
-            else:
-                messages = judge.single_messages(PROBE_TASK, PROBE_REFERENCE, completions[0], self.criteria)
-                parse = lambda text: judge.parse_single_reply(text, self.criteria)  # noqa: E731
-            choice = await self._send(messages, scoring=scoring, schema=judge.reply_schema(
-                self.criteria, grouped=self.cfg.mode == "group"))
+            messages, schema, parse = self._json_request(PROBE_TASK, PROBE_REFERENCE, completions,
+                                                         grouped=self.cfg.mode == "group")
+            choice = await self._send(messages, scoring=scoring, schema=schema)
             return _strict_json_problem(choice, parse)
         except openai.APIStatusError as err:
             if err.status_code in (400, 422):
@@ -449,9 +451,10 @@ class Teacher:
         candidates = judge.first_token_candidates(choice)
         if candidates is None:
             return "no log-probs in the reply"
-        score = judge.read_token_scores(candidates, criterion)
-        if score.value is None or score.mass < self.cfg.min_logprob_mass:
-            return low_mass_text(score, candidates, self.cfg.min_logprob_mass) + _thinking_hint(choice, candidates)
+        problem = _low_mass(judge.read_token_scores(candidates, criterion), candidates, choice,
+                            self.cfg.min_logprob_mass)
+        if problem:
+            return problem
         if len(candidates) < 2:
             self._warn_once("top_logprobs", f"the teacher at {self.cfg.shown_url} returns only the chosen token's "
                                             "log-prob, not its alternatives: scores are whole steps")
@@ -496,10 +499,14 @@ class Teacher:
             self.warn(message)
 
 
-def low_mass_text(score: judge.TokenScore, candidates: list[tuple[str, float]], min_mass: float) -> str:
+def _low_mass(score: judge.TokenScore, candidates: list[tuple[str, float]], choice: dict, min_mass: float) -> str:
+    """Why a score read from log-probs cannot be used (its score tokens hold under `min_mass`), or ""."""
+    if score.value is not None and score.mass >= min_mass:
+        return ""
     top = ", ".join(repr(token) for token, _ in sorted(candidates, key=lambda c: -c[1])[:4])
     return (f"only {score.mass:.0%} of the first token's probability is on score tokens "
-            f"({', '.join(score.probs)}; min_logprob_mass {min_mass:g}); its top tokens are {top}")
+            f"({', '.join(score.probs)}; min_logprob_mass {min_mass:g}); its top tokens are {top}"
+            + _thinking_hint(choice, candidates))
 
 
 def _content(choice: dict) -> str:
