@@ -177,6 +177,26 @@ def resume_target(spec: str, output_dir: str) -> Path:
     return max(runs, key=lambda p: complete_checkpoints(p)[-1].stat().st_mtime)
 
 
+def trained_run(spec: str, output_dir: str) -> Path:
+    """The run directory that `--run` names for export, chat and eval: a path, or `latest` (the run
+    whose adapters were saved last). It must hold the run's config and its saved adapters."""
+    if spec == "latest":
+        runs = [p for p in (Path(output_dir) / "runs").glob("*") if (p / "adapters.safetensors").is_file()]
+        if not runs:
+            raise UserInputError(f"--run latest: no run with saved adapters under {Path(output_dir) / 'runs'}")
+        return max(runs, key=lambda p: (p / "adapters.safetensors").stat().st_mtime)
+    run_dir = Path(spec)
+    if not run_dir.is_dir():
+        raise UserInputError(f"--run: {run_dir} is not a directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserInputError(f"--run: {run_dir} has no config.yaml; is it a training run directory?")
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (run_dir / name).is_file():
+            raise UserInputError(f"--run: {run_dir} has no {name}: the run saved no adapters yet "
+                                 "(they are written at each checkpoint and at the end)")
+    return run_dir
+
+
 def start_logging(cfg: Config, run_dir: Path, tb_dir: Path, resumed_at: int | None, rubric, model_dir, console):
     """config.yaml in the run directory, and the hub of every sink: TensorBoard, jsonl, learning.log, W&B."""
     from mlx_grpo.metrics import MetricsHub
@@ -365,6 +385,15 @@ def final_report(state, scorer, run_dir: Path, console) -> None:
     console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
                   f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}",
                   soft_wrap=True)
+    for line in next_commands(run_dir):
+        console.print(line, soft_wrap=True, markup=False)
+
+
+def next_commands(run_dir: Path) -> list[str]:
+    """What to do with a finished run: try it, measure it, take it to other tools."""
+    return [f"  Try it:   uv run chat --run {run_dir} --compare base",
+            f"  Measure:  uv run eval --run {run_dir} --compare base",
+            f"  Export:   uv run export --run {run_dir} --gguf f16   (mlx-lm folder, GGUF and Ollama Modelfile)"]
 
 
 def train_main(argv: list[str] | None = None) -> int:

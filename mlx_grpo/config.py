@@ -286,7 +286,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: config file not found")
-    return _build(_read_yaml(path), str(path), overrides)
+    tree = _read_yaml(path)
+    tree.pop("resolved_model", None)  # a run's config.yaml records the model directory it loaded
+    return _build(tree, str(path), overrides)
 
 
 def _build(tree: dict, source: str, overrides: dict[str, Any] | None) -> Config:
@@ -319,9 +321,7 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> C
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserInputError(f"{path} not found; is {run_dir} a run directory?")
-    tree = _read_yaml(path)
-    tree.pop("resolved_model", None)  # written beside the config, not a config field
-    return _build(tree, str(path), overrides)
+    return load_config(path, overrides)
 
 
 def validate(cfg: Config) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import mlx_grpo  # noqa: F401 (loads the optimised BLAS before mlx.core)
-from mlx_grpo.cli import DEFAULT_CONFIG, OneLineParser, resume_target, start_scorer, with_one_line_errors
+from mlx_grpo.cli import DEFAULT_CONFIG, OneLineParser, start_scorer, trained_run, with_one_line_errors
 from mlx_grpo.config import Config, load_config, load_run_config
 from mlx_grpo.errors import UserInputError
 
@@ -72,9 +72,7 @@ def run_eval(args, console) -> int:
 
     run_dir = None
     if args.run:
-        run_dir = resume_target(args.run, Config().train.output_dir) if args.run == "latest" else Path(args.run)
-        if not run_dir.is_dir():
-            raise UserInputError(f"--run: {run_dir} is not a directory")
+        run_dir = trained_run(args.run, Config().train.output_dir)
     if args.compare and run_dir is None:
         raise UserInputError("--compare base needs --run RUN_DIR: the trained adapters to compare with the base model")
     cfg = eval_config(args, run_dir)

@@ -23,6 +23,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; what we write is an ordinary file
         fsync_path(Path(tmp))
         os.replace(tmp, path)
     finally:

@@ -194,7 +194,7 @@ def test_eval_errors_are_one_line(tiny_run, capsys):
     assert eval_main(["--model", str(model_dir), "--compare", "base"]) == 2
     assert "--compare base needs --run" in capsys.readouterr().err
     assert eval_main(["--run", str(model_dir)]) == 2
-    assert "config.yaml not found; is" in capsys.readouterr().err
+    assert "has no config.yaml; is it a training run directory" in capsys.readouterr().err
     (run_dir.parent / "empty").mkdir(exist_ok=True)
     shutil.copy(run_dir / "config.yaml", run_dir.parent / "empty")
     assert eval_main(["--run", str(run_dir.parent / "empty")]) == 2

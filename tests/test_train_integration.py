@@ -38,7 +38,7 @@ def smol():
     return model, tokenizer, model_dir
 
 
-def test_two_steps_train_and_log(tmp_path: Path):
+def test_two_steps_train_and_log(tmp_path: Path, capsys):
     rubric = tmp_path / "rubric.yaml"
     rubric.write_text(LENGTH_RUBRIC)
     out = tmp_path / "logs"
@@ -50,6 +50,9 @@ def test_two_steps_train_and_log(tmp_path: Path):
     ])
     assert code == 0
     run_dir = out / "runs" / "it"
+    printed = capsys.readouterr().out
+    for command in ("chat", "eval", "export"):  # the end of the run says what to do with it
+        assert f"uv run {command} --run {run_dir}" in printed, command
 
     # Adapters in mlx-lm's format, changed from their zero initialisation.
     config = json.loads((run_dir / "adapter_config.json").read_text())

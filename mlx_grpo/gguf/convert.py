@@ -124,7 +124,7 @@ def gguf_config(metadata: dict, weights: dict, where: Path) -> dict:
     vocab = scalar(metadata, f"{arch}.vocab_size") or weights["token_embd.weight"].shape[0]
     config = {
         "model_type": arch,
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [_HF_CLASSES[arch]],
         "hidden_size": hidden,
         "num_hidden_layers": need("block_count"),
         "intermediate_size": need("feed_forward_length"),
@@ -165,6 +165,7 @@ def _eos_ids(metadata: dict, tokens: list[str]) -> list[int]:
     return ids
 
 
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -173,6 +174,8 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3's per-head norms of queries and keys
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }

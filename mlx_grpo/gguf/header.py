@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from mlx_grpo.errors import UserInputError
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 # GGUF scalar value types -> struct format (the spec's type ids).
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
