@@ -227,15 +227,16 @@ def build_prompt_tokens(tokenizer: Any, sample: dict, default_system: str | None
     """Prompt token ids: [system] + [user prompt] through the chat template, ready for generation.
 
     The sample's own "system" wins over default_system; no system message when both are empty.
-    Without a chat template the text "system\\n\\nprompt\\n" is encoded directly.
     """
-    system = sample.get("system") or default_system
-    prompt = sample["prompt"]
+    return chat_prompt_tokens(tokenizer, sample.get("system") or default_system,
+                              [{"role": "user", "content": sample["prompt"]}])
+
+
+def chat_prompt_tokens(tokenizer: Any, system: str | None, messages: list[dict]) -> list[int]:
+    """A conversation's token ids through the chat template, ending where the assistant's turn starts.
+    Without a chat template the text "system\n\nturn\nturn\n" is encoded directly."""
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return _as_id_list(out)
-    text = f"{system}\n\n{prompt}\n" if system else f"{prompt}\n"
-    return _as_id_list(tokenizer.encode(text))
+        full = ([{"role": "system", "content": system}] if system else []) + messages
+        return _as_id_list(tokenizer.apply_chat_template(full, add_generation_prompt=True, tokenize=True))
+    turns = "".join(f"{m['content']}\n" for m in messages)
+    return _as_id_list(tokenizer.encode(f"{system}\n\n{turns}" if system else turns))
