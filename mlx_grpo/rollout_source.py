@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
@@ -19,8 +19,9 @@ from mlx_grpo.curriculum import Curriculum, difficulty_levels
 from mlx_grpo.data import PromptSampler, build_prompt_tokens
 from mlx_grpo.distributed import World
 from mlx_grpo.grpo import zero_std_groups
-from mlx_grpo.rewards import RewardBatch, Scorer, contiguous_groups
+from mlx_grpo.rewards import Scorer, contiguous_groups
 from mlx_grpo.rollout import Rollout, generate_rollout
+from mlx_grpo.rows import take_rows
 from mlx_grpo.sgrpo import serial_group_rollout
 
 
@@ -179,24 +180,10 @@ def _merge_groups(drawn: list, chosen: list[tuple[int, int]], G: int) -> ScoredR
     def pick(values):  # one per row of each batch
         return [values(drawn[a][0])[i] for a, i in rows]
 
-    def pick_optional(values):
-        return None if values(first) is None else pick(values)
-
-    rollout = Rollout(prompt_tokens=pick(lambda b: b.rollout.prompt_tokens),
-                      completion_tokens=pick(lambda b: b.rollout.completion_tokens),
-                      finish_reasons=pick(lambda b: b.rollout.finish_reasons),
+    rollout = replace(take_rows([b.rollout for b, _ in drawn], rows, lambda r: len(r.completion_tokens)),
                       prefill_time_s=sum(b.rollout.prefill_time_s for b, _ in drawn),
-                      generation_time_s=sum(b.rollout.generation_time_s for b, _ in drawn),
-                      logprobs=pick_optional(lambda b: b.rollout.logprobs), max_new_tokens=first.rollout.max_new_tokens,
-                      loss_mask=pick_optional(lambda b: b.rollout.loss_mask))
-    scores = [s for _, s in drawn]
-    rewards = RewardBatch(
-        rewards=np.array([scores[a].rewards[i] for a, i in rows], dtype=np.float32),
-        criterion_scores={name: np.array([scores[a].criterion_scores[name][i] for a, i in rows], dtype=np.float32)
-                          for name in scores[0].criterion_scores},
-        valid=np.array([scores[a].valid[i] for a, i in rows], dtype=bool),
-        justifications={name: [scores[a].justifications[name][i] for a, i in rows] for name in scores[0].justifications},
-        weights=scores[0].weights)
+                      generation_time_s=sum(b.rollout.generation_time_s for b, _ in drawn))
+    rewards = take_rows([s for _, s in drawn], rows, lambda r: len(r.rewards))
     done = Future()
     done.set_result(rewards)
     last_scored = max(t for b, _ in drawn for t in b.scored_at) if all(b.scored_at for b, _ in drawn) else first.score_start

@@ -89,3 +89,41 @@ def test_refused_with_the_pipeline():
     cfg.rollout.dynamic_sampling = cfg.rollout.pipeline = True
     with pytest.raises(UserInputError, match="rollout.dynamic_sampling does not go with rollout.pipeline"):
         validate(cfg)
+
+
+def test_merging_groups_keeps_every_per_completion_field():
+    """The groups kept from several drawn batches carry every field of each completion along, the
+    teacher's gaming flags and justifications included (the flags were once dropped here)."""
+    from mlx_grpo.rewards import RewardBatch
+    from mlx_grpo.rollout import Rollout
+    from mlx_grpo.rollout_source import ScoredRollout, _merge_groups
+
+    G, n = 2, 4
+
+    def batch(tag: int):  # two groups of two completions; every per-row value names its batch and row
+        rollout = Rollout(prompt_tokens=[[tag, i // G] for i in range(n)], completion_tokens=[[tag, i] for i in range(n)],
+                          finish_reasons=[f"{tag}:{i}" for i in range(n)], prefill_time_s=1.0, generation_time_s=2.0,
+                          logprobs=[[tag + i / 10] for i in range(n)], max_new_tokens=8,
+                          loss_mask=[[float(i)] for i in range(n)])
+        scores = RewardBatch(rewards=np.arange(n, dtype=np.float32) + tag,
+                             criterion_scores={"A": np.arange(n, dtype=np.float32) * tag},
+                             valid=np.array([True, False, True, True]), justifications={"A": [f"why {tag}:{i}" for i in range(n)]},
+                             weights={"A": 1.0}, gaming=[f"gaming {tag}:{i}" for i in range(n)])
+        return ScoredRollout(samples=[{"id": f"{tag}:{g}"} for g in range(2)], prompts=[[tag, g] for g in range(2)],
+                             rollout=rollout, texts=[f"text {tag}:{i}" for i in range(n)],
+                             group_samples=[{"id": f"{tag}:{i // G}"} for i in range(n)], scoring=None,
+                             score_start=0.0, scored_at=[1.0]), scores
+
+    merged = _merge_groups([batch(10), batch(20)], [(1, 0), (0, 1)], G)  # batch 1's group 0, then batch 0's group 1
+    rows = [(20, 0), (20, 1), (10, 2), (10, 3)]
+    scores = merged.scoring.result()
+    assert scores.gaming == [f"gaming {t}:{i}" for t, i in rows]
+    assert scores.justifications == {"A": [f"why {t}:{i}" for t, i in rows]}
+    assert scores.rewards.tolist() == [t + i for t, i in rows] and scores.rewards.dtype == np.float32
+    assert scores.criterion_scores["A"].tolist() == [t * i for t, i in rows]
+    assert scores.valid.tolist() == [True, False, True, True] and scores.weights == {"A": 1.0}
+    r = merged.rollout
+    assert r.completion_tokens == [[t, i] for t, i in rows] and r.finish_reasons == [f"{t}:{i}" for t, i in rows]
+    assert r.logprobs == [[t + i / 10] for t, i in rows] and r.loss_mask == [[float(i)] for _, i in rows]
+    assert (r.prefill_time_s, r.generation_time_s, r.max_new_tokens) == (2.0, 4.0, 8)
+    assert merged.texts == [f"text {t}:{i}" for t, i in rows] and [s["id"] for s in merged.samples] == ["20:0", "10:1"]
