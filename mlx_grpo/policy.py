@@ -189,6 +189,7 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
     totals: dict[str, float] = {}
     first_pass = []  # the trainer's log-probs at the sampling weights, per micro-batch
     grad_norm = mx.array(0.0)
+    skipped = False
     for iteration in range(g.num_iterations):
         if local:
             grads = None
@@ -214,6 +215,7 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
         # and the optimizer's moments (every rank decides alike: the norm is global).
         if world.any(not (math.isfinite(grad_norm.item()) and math.isfinite(totals.get("loss", 0.0)))):
             totals["nonfinite"] = True
+            skipped = iteration == 0  # no optimizer step was taken at all
             break
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
@@ -224,6 +226,7 @@ def update_policy(model, optimizer, loss_and_grad, cfg: Config, batch: TrainBatc
         sums = world.sum([totals.get(key, 0.0) * weight for key in RANK_AVERAGED_STATS] + [weight])
         totals.update({key: value / max(sums[-1], 1e-12) for key, value in zip(RANK_AVERAGED_STATS, sums)})
     totals["grad_norm"] = grad_norm.item()
+    totals["skipped"] = skipped
     return totals
 
 
@@ -261,7 +264,8 @@ class Policy:
 
     def skipped_update(self, batch: TrainBatch, sampled: mx.array | None = None) -> dict:
         """What a step without an update reports (NO_UPDATE_STATS), and the batch's sampler gap."""
-        return {**NO_UPDATE_STATS, **(self.sampler_gap(batch, sampled, [None]) if sampled is not None else {})}
+        return {**NO_UPDATE_STATS, "skipped": True,
+                **(self.sampler_gap(batch, sampled, [None]) if sampled is not None else {})}
 
     def token_entropy(self, batch: TrainBatch) -> tuple[mx.array, mx.array]:
         """(N, C) entropy and varentropy of each completion position under the current weights."""

@@ -206,8 +206,51 @@ def test_nonfinite_update_is_skipped(tiny_model):
     after = dict(tree_flatten(tiny_model.trainable_parameters()))
     assert all(mx.array_equal(before[k], after[k]) for k in before)
     assert not optimizer.state or int(optimizer.state.get("step", 0)) == 0
+    assert stats["skipped"] is True
     stats = update_policy(tiny_model, optimizer, loss_and_grad, cfg, batch, mx.array([-1.0, 1.0]), [None], [None])
     assert "nonfinite" not in stats and int(optimizer.state["step"]) == 1
+    assert stats["skipped"] is False
+
+
+def test_a_skipped_update_is_logged_as_skipped(tmp_path, monkeypatch):
+    """A step whose update was skipped for a NaN loss says so in its record (actor/update_skipped 1,
+    no entropy), rather than being logged as a real update."""
+    from dp_worker import ByteTokenizer
+    from conftest import make_tiny_model
+
+    from mlx_grpo import policy, trainer
+    from mlx_grpo.config import load_config
+    from mlx_grpo.metrics import MetricsHub
+    from mlx_grpo.rewards import Scorer, load_rubric
+
+    real = policy.make_loss_fn
+
+    def nan_loss_fn(*args, **kwargs):
+        loss_fn = real(*args, **kwargs)
+
+        def poisoned(*args):
+            loss, stats = loss_fn(*args)
+            return loss * float("nan"), stats
+
+        return poisoned
+
+    monkeypatch.setattr(policy, "make_loss_fn", nan_loss_fn)
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(RUBRIC)
+    cfg = load_config(None, {"train.steps": 2, "rollout.batch_size": 1, "rollout.group_size": 3,
+                             "rollout.max_new_tokens": 6, "train.save_every": 2, "lora.rank": 4,
+                             "grpo.beta": 0.04})  # a KL penalty: every step updates, spread or not
+    items = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+    records = []
+    scorer = Scorer(load_rubric(rubric))
+    try:
+        trainer.train(cfg, make_tiny_model(), ByteTokenizer(), trainer.Prompts(items), scorer,
+                      trainer.RunIO(tmp_path, MetricsHub([]), progress=lambda step, record: records.append(record),
+                                    notify=lambda text: None))
+    finally:
+        scorer.close()
+    assert len(records) == 2
+    assert all(r["actor/update_skipped"] == 1.0 and "actor/entropy_loss" not in r for r in records)
 
 
 def plain_data(value) -> bool:

@@ -87,7 +87,7 @@ class StepOutcome:
     texts: list[str]
     scored: RewardBatch
     advantages: np.ndarray
-    stats: dict                 # the update's statistics (NO_UPDATE_STATS when it was skipped)
+    stats: dict                 # the update's statistics; stats["skipped"]: no optimizer step was taken
     updated: bool               # False: no group had a signal, the update was skipped
     trained_tokens: int
     learning_rate: float
@@ -269,7 +269,7 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
         **reward_metrics(scored.rewards, scored.valid, G),
         **criterion_metrics(scorer.rubric.criteria, scored.criterion_scores, scored.valid),
         **length_metrics(seen.lengths.tolist(), seen.prompt_lengths, seen.finish_reasons, max_new_tokens),
-        "actor/update_skipped": float("entropy" not in stats),
+        "actor/update_skipped": float(stats["skipped"]),
         "actor/pg_loss": stats["policy_loss"],
         "actor/grad_norm": stats["grad_norm"],
         "actor/lr": learning_rate,
@@ -291,7 +291,7 @@ def step_record(cfg: Config, stats: dict, seen: "StepView", scorer: Scorer, lear
     }
     if cfg.grpo.overlong_penalty > 0:
         record["rewards/overlong_penalty_mean"] = float(overlong[scored.valid].mean()) if scored.valid.any() else 0.0
-    if "entropy" in stats:  # measured by the update's forward pass; a skipped update has none
+    if not stats["skipped"]:  # measured by the update's forward pass; a skipped update has none
         record["actor/entropy_loss"] = stats["entropy"]
     for key in ("tis_mean", "tis_max", "tis_clipped_frac"):  # grpo.tis_cap on a late (pipelined) batch
         if key in stats:
