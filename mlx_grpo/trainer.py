@@ -130,12 +130,17 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             with timer.time("ref"):
                 sampled = current.sampled_logprobs(batch.mask.shape[1]) if current.late else None
                 old_logprobs, ref_logprobs, off_policy = policy.frozen_logprobs(batch, sampled)
-                entropy_dumps.dump_if_due(step, policy, batch, current.rollout.completion_lengths)  # logging.entropy_dump_every
+            if entropy_dumps.due(step):  # logging.entropy_dump_every
+                with timer.time("entropy_dump"):
+                    entropy_dumps.dump(step, policy, batch, current.rollout.completion_lengths)
             timer.peak("logprobs")
             with timer.time("reward_wait"):
                 scored = current.scoring.result()
-                # teacher.audit_every: can this step's own completions fool the teacher?
-                audited = audit_teacher(scorer, step, current, cfg.rollout.group_size)
+            audited = {}
+            if audit_due(scorer, step):  # teacher.audit_every: can this step's own completions fool the teacher?
+                with timer.time("teacher_audit"):
+                    groups = contiguous_groups(len(current.texts), cfg.rollout.group_size)
+                    audited = scorer.audit(current.group_samples, current.texts, groups)
             scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
@@ -252,12 +257,10 @@ def reload_rubric(watcher: RubricWatcher | None, scorer: Scorer, hub: MetricsHub
         notify(f"rubric reloaded at step {step}: {rubric.path} (version {rubric.version})")
 
 
-def audit_teacher(scorer: Scorer, step: int, current, group_size: int) -> dict:
-    """Teacher/Audit_* scalars every teacher.audit_every steps (on this rank's completions), else {}."""
+def audit_due(scorer: Scorer, step: int) -> bool:
+    """Whether this step audits the teacher (Teacher/Audit_*, every teacher.audit_every steps)."""
     every = scorer.teacher.cfg.audit_every if scorer.teacher is not None else 0
-    if not every or step % every:
-        return {}
-    return scorer.audit(current.group_samples, current.texts, contiguous_groups(len(current.texts), group_size))
+    return bool(every) and step % every == 0
 
 
 def stop_requests(step: int, scorer: Scorer, should_stop, world: World) -> tuple[str | None, bool]:

@@ -147,6 +147,11 @@ def test_every_seed_metric_is_logged(run):
     assert not missing, f"seed metrics missing from TensorBoard: {missing}"
 
 
+def test_the_entropy_dump_has_its_own_time(run):
+    logged, _ = run
+    assert "timing_s/entropy_dump" in logged  # not charged to the reference log-probs' timing_s/ref
+
+
 def test_not_applicable_names_are_not_logged_as_zeros(run):
     logged, _ = run
     assert not set(NOT_APPLICABLE) & logged

@@ -240,6 +240,8 @@ def test_a_policy_injecting_text_to_a_gullible_teacher_is_caught_and_masked(tmp_
     assert [e.value for e in tags["Teacher/Audit_Fooled"]] == [1.0, 1.0]
     assert tags["Teacher/Audit_InjectionGain"][0].value > 0.5
     assert [e.value for e in tags["Teacher/Audit_Requests"]] == [3, 3]
+    # The audit has its own time, apart from the wait for this step's scores.
+    assert len(tags["timing_s/teacher_audit"]) == 2 and all(e.value > 0 for e in tags["timing_s/teacher_audit"])
     assert tags["health/judge_gaming"][0].value == 1.0 and tags["health/teacher_fooled"][0].value == 1.0
     warnings = [n for n in notices if n.startswith("health:")]
     assert any("completions address the grader at step 1" in w for w in warnings)

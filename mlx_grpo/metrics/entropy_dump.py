@@ -49,13 +49,14 @@ class EntropyDumper:
         self.pool = ThreadPoolExecutor(max_workers=1) if self.enabled else None
         self.pending = []
 
-    def dump_if_due(self, step: int, policy, batch, completion_lengths: list[int]) -> None:
-        """On every N-th step: the batch's entropies under the policy's current weights (one extra
-        forward pass), written in the background."""
-        if self.enabled and step % self.every == 0:
-            entropy, varentropy = policy.token_entropy(batch)
-            self.write(step, entropy_arrays(entropy, varentropy, batch.tokens, batch.prompt_lengths,
-                                            completion_lengths))
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    def dump(self, step: int, policy, batch, completion_lengths: list[int]) -> None:
+        """The batch's entropies under the policy's current weights (one extra forward pass), written
+        in the background."""
+        entropy, varentropy = policy.token_entropy(batch)
+        self.write(step, entropy_arrays(entropy, varentropy, batch.tokens, batch.prompt_lengths, completion_lengths))
 
     def write(self, step: int, arrays: dict[str, np.ndarray]) -> None:
         self.pending = [f for f in self.pending if not f.done()] + [self.pool.submit(self._save, step, arrays)]

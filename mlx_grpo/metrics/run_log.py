@@ -332,11 +332,12 @@ def gather_step(world: World, scored: RewardBatch, rollout: Rollout, prompts: li
 
 
 def timing_records(phases: dict[str, float], step_s: float, response_tokens: int, trained_tokens: int) -> dict:
-    """timing_s/* of each phase and the step; timing_per_token_ms/* of each phase but the reward wait."""
+    """timing_s/* of each phase and the step; timing_per_token_ms/* of each phase but the reward wait
+    and the teacher audit, which no token count measures."""
     record = {f"timing_s/{phase}": seconds for phase, seconds in phases.items()}
     record["timing_s/step"] = step_s
     # reward_wait: the part of scoring nothing else overlapped (already inside "reward").
-    record.update(timing_per_token({p: s for p, s in phases.items() if p != "reward_wait"},
+    record.update(timing_per_token({p: s for p, s in phases.items() if p not in ("reward_wait", "teacher_audit")},
                                    response_tokens, trained_tokens))
     return record
 
