@@ -90,6 +90,43 @@ def test_reward_tags_recent_means_histograms_and_final_summary():
     assert rows[0][5] == 11
 
 
+def test_running_stats_agree_with_numpy_over_every_score():
+    from mlx_grpo.metrics.tracker import RunningStats
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.random(rng.integers(0, 9)).astype(np.float32) for _ in range(200)]
+    running = RunningStats()
+    for chunk in chunks:
+        running.add(chunk)
+    every = np.concatenate(chunks).astype(np.float64)
+    assert running.count == every.size
+    assert running.mean == pytest.approx(every.mean(), rel=1e-12)
+    assert running.std == pytest.approx(every.std(), rel=1e-9)
+    assert (running.low, running.high) == (every.min(), every.max())
+
+
+def test_the_tracker_state_is_bounded(tmp_path):
+    """A checkpoint's tracker state after 5,000 steps is the size it was after 1,100 (the scores and the
+    speeds were kept whole, and re-saved at every checkpoint). The epoch in progress keeps its own
+    rewards, at most an epoch's."""
+    import json
+
+    tracker = MetricsTracker(rubric_name="r", group_size=4, prompts_per_epoch=80, histogram_every=10)
+    rng = np.random.default_rng(1)
+    sizes = {}
+    for step in range(1, 5001):
+        scored = batch({"A": rng.random(8), "B": rng.random(8)})
+        tracker.update(step, {"Train/Loss": 0.1}, scored, 2, 50.0 + rng.random(), 20.0 + rng.random(),
+                       np.zeros(8, dtype=bool), np.full(8, 10))
+        if step in (100, 1100, 5000):
+            sizes[step] = len(json.dumps(tracker.state_dict()))
+    assert sizes[5000] < 1.2 * sizes[1100]  # past the speed window, nothing grows
+    assert sizes[5000] < 50_000
+    restored = MetricsTracker(rubric_name="r", group_size=4, prompts_per_epoch=80, histogram_every=10)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.finish() == tracker.finish()
+
+
 def test_histogram_appears_once_ten_samples_exist():
     tracker = MetricsTracker(rubric_name="r", group_size=4, prompts_per_epoch=100, histogram_every=2)
     scored = batch({"A": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]})

@@ -1,10 +1,11 @@
 """Metrics with memory across steps, computed once here so that no sink computes statistics:
 
-- speed percentiles (Performance/*_AvgTokensPerSec, _P50, _P99, _Min),
+- speed percentiles over the last SPEED_WINDOW steps (Performance/*_AvgTokensPerSec, _P50, _P99, _Min),
 - epoch averages and trends (Epoch/*),
 - per-criterion reward tags for the W&B guide (rewards/*, criteria/*), recent means and histograms,
 - pass@1 / pass@all per batch (batch_metrics.jsonl),
-- and the run's final per-criterion summary (final/*, rubric_criteria_summary).
+- and the run's final per-criterion summary (final/*, rubric_criteria_summary) from running moments,
+  so that the state a checkpoint saves does not grow with the run.
 
 "P99" of a speed is the slow tail: the tokens/s that 99% of steps reached or beat (the 1st
 percentile of the per-step speeds). A mean hides stalls; this is the number that shows them.
@@ -20,10 +21,39 @@ import numpy as np
 from mlx_grpo.metrics.record import correct_mask, correctness_metrics
 
 RECENT = 10  # samples in rewards/*_recent_mean, and the minimum before a histogram is logged
+# Steps whose speeds the percentiles cover: the state a checkpoint saves stays the same size however
+# long the run (the speeds of a 10,000-step run would otherwise be re-saved at every checkpoint).
+SPEED_WINDOW = 1000
 
 
-def speed_stats(name: str, speeds: list[float]) -> dict[str, float]:
-    """Avg / P50 / P99 (slow tail, see module doc) / Min over every step's tokens/s so far."""
+@dataclass
+class RunningStats:
+    """Count, mean, spread and range of a stream of scores, in constant memory (Welford's update)."""
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0  # the sum of squared differences from the mean
+    low: float = float("inf")
+    high: float = float("-inf")
+
+    def add(self, values: np.ndarray) -> None:
+        if not values.size:
+            return
+        values = values.astype(np.float64)
+        n, mean = values.size, float(values.mean())
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += float(((values - mean) ** 2).sum()) + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+        self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5 if self.count else 0.0
+
+
+def speed_stats(name: str, speeds) -> dict[str, float]:
+    """Avg / P50 / P99 (slow tail, see module doc) / Min over the last SPEED_WINDOW steps' tokens/s."""
     values = np.asarray(speeds, dtype=np.float64)
     if values.size == 0:
         return {}
@@ -105,10 +135,10 @@ class MetricsTracker:
         self.correct_criterion = correct_criterion
         self.correct_threshold = correct_threshold
         self.epochs = EpochStats(prompts_per_epoch)
-        self.speeds: dict[str, list[float]] = {"Generation": [], "Backprop": []}
+        self.speeds = {"Generation": deque(maxlen=SPEED_WINDOW), "Backprop": deque(maxlen=SPEED_WINDOW)}
         self.recent: dict[str, deque] = {}
         self.hist_buffer: dict[str, list[float]] = {}
-        self.all_scores: dict[str, list[float]] = {}  # for final/* and the summary table
+        self.scores: dict[str, RunningStats] = {}  # of every score so far: final/* and the summary table
         self.cumulative_reward = 0.0  # every scored completion's reward so far (train/cumulative_reward)
 
     def update(self, step: int, record: dict, scored, num_prompts: int, gen_speed: float,
@@ -150,7 +180,7 @@ class MetricsTracker:
         tags: dict = {}
         means = []
         for name, values in [*columns.items(), ("rubric", rewards)]:
-            self.all_scores.setdefault(name, []).extend(values.tolist())
+            self.scores.setdefault(name, RunningStats()).add(values)
             recent = self.recent.setdefault(name, deque(maxlen=RECENT))
             recent.extend(values.tolist())
             buffer = self.hist_buffer.setdefault(name, [])
@@ -173,19 +203,21 @@ class MetricsTracker:
 
     def state_dict(self) -> dict:
         """What the tracker has accumulated, as plain lists and numbers (for a checkpoint)."""
-        return {"epochs": asdict(self.epochs), "speeds": self.speeds,
+        return {"epochs": asdict(self.epochs), "speeds": {name: list(values) for name, values in self.speeds.items()},
                 "recent": {name: list(values) for name, values in self.recent.items()},
-                "hist_buffer": self.hist_buffer, "all_scores": self.all_scores,
+                "hist_buffer": self.hist_buffer, "scores": {name: asdict(s) for name, s in self.scores.items()},
                 "cumulative_reward": self.cumulative_reward}
 
     def load_state_dict(self, state: dict) -> None:
         epochs = dict(state["epochs"])
         previous = epochs.pop("previous")
         self.epochs = EpochStats(**epochs, previous=tuple(previous) if previous is not None else None)
-        self.speeds = {name: list(values) for name, values in state["speeds"].items()}
+        self.speeds = {name: deque(values, maxlen=SPEED_WINDOW) for name, values in state["speeds"].items()}
         self.recent = {name: deque(values, maxlen=RECENT) for name, values in state["recent"].items()}
         self.hist_buffer = {name: list(values) for name, values in state["hist_buffer"].items()}
-        self.all_scores = {name: list(values) for name, values in state["all_scores"].items()}
+        self.scores = {name: RunningStats(**stats) for name, stats in state.get("scores", {}).items()}
+        for name, values in state.get("all_scores", {}).items():  # a checkpoint that kept every score
+            self.scores.setdefault(name, RunningStats()).add(np.asarray(values, dtype=np.float64))
         self.cumulative_reward = state.get("cumulative_reward", 0.0)  # (a checkpoint from before it existed)
 
     def close_epoch(self) -> dict[str, float]:
@@ -195,11 +227,10 @@ class MetricsTracker:
     def finish(self) -> tuple[dict[str, float], list[list]]:
         """(final/* scalars, rubric_criteria_summary rows [name, mean, std, min, max, samples])."""
         final, rows = {}, []
-        for name, values in self.all_scores.items():
-            v = np.asarray(values, dtype=np.float64)
-            if not v.size:
+        for name, running in self.scores.items():
+            if not running.count:
                 continue
-            stats = (float(v.mean()), float(v.std()), float(v.min()), float(v.max()), int(v.size))
+            stats = (running.mean, running.std, running.low, running.high, running.count)
             final.update({f"final/{name}_mean": stats[0], f"final/{name}_std": stats[1],
                           f"final/{name}_min": stats[2], f"final/{name}_max": stats[3],
                           f"final/{name}_total_samples": float(stats[4])})
