@@ -35,9 +35,13 @@ OLD_STATE = "state.pkl"  # written by earlier versions, which pickled whole obje
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` (0 = all)."""
+    return commit_checkpoint(run_dir, step, write_weights(run_dir, step, model, optimizer), state, keep)
+
+
+def write_weights(run_dir: Path, step: int, model, optimizer) -> Path:
+    """The first part of checkpoint `step`: its weights and moments, into a hidden temp directory."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -46,6 +50,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     mx.eval(weights, moments)
     mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), moments)
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, step: int, tmp: Path, state: dict, keep: int) -> Path:
+    """The rest: the state beside the weights in `tmp`, everything fsynced, then renamed into place
+    (only then is it a checkpoint); the newest `keep` are kept (0 = all)."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:06d}"
     (tmp / STATE).write_text(json.dumps({"step": step, **state}))
     for name in ("adapters.safetensors", "optimizer.safetensors", STATE):
         fsync_path(tmp / name)
@@ -139,18 +151,27 @@ class Checkpointer:
         self.run_dir, self.policy, self.owners, self.log_files = Path(run_dir), policy, owners, log_files
         self.keep, self.enabled = keep, enabled
         self.saved_step = 0
+        self._pending: Path | None = None  # the temp directory of a checkpoint whose weights are written
 
-    def save(self, step: int) -> float:
-        """Checkpoint `step` (after its logs are written, so their sizes include it); returns seconds."""
+    def write_weights(self, step: int) -> float:
+        """Checkpoint `step`'s weights, adapters and moments, before its record is logged, so the
+        record holds the time they took (timing_s/save_checkpoint); returns those seconds."""
         self.saved_step = step
         if not self.enabled:
             return 0.0
         begin = time.perf_counter()
         self.policy.save_adapters(self.run_dir)
-        state = {name: owner.state_dict() for name, owner in self.owners.items()}
-        save_checkpoint(self.run_dir, step, self.policy.model, self.policy.optimizer, keep=self.keep, state={
-            **state, "log_sizes": log_sizes([self.run_dir / name for name in self.log_files])})
+        self._pending = write_weights(self.run_dir, step, self.policy.model, self.policy.optimizer)
         return time.perf_counter() - begin
+
+    def commit(self, step: int) -> None:
+        """Finish checkpoint `step` once its record is logged: every owner's state and the log
+        files' sizes, which include that record, so a resume neither loses nor repeats it."""
+        if not self.enabled:
+            return
+        state = {name: owner.state_dict() for name, owner in self.owners.items()}
+        commit_checkpoint(self.run_dir, step, self._pending, keep=self.keep, state={
+            **state, "log_sizes": log_sizes([self.run_dir / name for name in self.log_files])})
 
     def restore(self, path: Path) -> int:
         """Load checkpoint `path` into the policy and every owner; returns its step."""

@@ -171,11 +171,17 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # 6. Held-out evaluation, every cfg.eval.every steps and at the end.
             eval_record = held_out_record(cfg, step, model, tokenizer, prompts.held_out, scorer, timer, world)
 
-            # 7. Log one record of the whole global batch (every rank's completions are gathered),
-            # once the curriculum and the generation window have learnt from it for the next steps.
+            # 7. Checkpoint the weights (when due, or when the run stops here), so that the step's
+            # record holds the save's time.
             state.step = step
             state.stop_reason, budget_spent = stop_requests(step, scorer, run.should_stop, world)
             run_complete = step == cfg.train.steps or budget_spent  # (an interrupted run is resumed)
+            checkpoint_due = run_complete or state.stop_reason or (cfg.train.save_every and step % cfg.train.save_every == 0)
+            if checkpoint_due:
+                timer.add("save_checkpoint", checkpointer.write_weights(step))
+
+            # 8. Log one record of the whole global batch (every rank's completions are gathered),
+            # once the curriculum and the generation window have learnt from it for the next steps.
             outcome = StepOutcome(
                 step, current.group_samples, current.prompts, current.rollout, current.texts, scored,
                 np.array(advantages), stats, has_signal, batch.num_tokens, policy.learning_rate, timer,
@@ -184,9 +190,9 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             adapted = rollouts.adapt(current, seen)
             logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited, **gap, **run.logged_with_every_step})
 
-            # 8. Checkpoint, and stop early when asked to (budget spent, Ctrl-C).
-            if run_complete or state.stop_reason or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                logger.save_seconds = checkpointer.save(step)
+            # 9. The checkpoint's state, now that the record is in the logs; stop early when asked to.
+            if checkpoint_due:
+                checkpointer.commit(step)
             if state.stop_reason is not None:
                 logger.note(step, state.stop_reason)
                 run.notify(state.stop_reason)

@@ -304,3 +304,15 @@ def test_a_checkpoint_of_an_earlier_version_is_refused_in_one_line(tmp_path, cap
     assert train_main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "earlier version" in err and "step_000003" in err
+
+
+def test_the_checkpoint_time_is_logged_on_the_step_that_saves(tmp_path, monkeypatch):
+    from test_seed_capabilities import make_items, tiny_run
+
+    records = tiny_run(tmp_path / "run", {"train.steps": 3, "train.save_every": 2}, make_items(12),
+                       monkeypatch=monkeypatch)
+    saved = {r["step"]: r.get("timing_s/save_checkpoint") for r in records}
+    assert saved[1] is None and saved[2] > 0 and saved[3] > 0  # step 3 is the last: it saves too
+    for record in records[1:]:  # the step's own time includes its save
+        assert record["timing_s/step"] >= record["timing_s/save_checkpoint"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]

@@ -118,7 +118,6 @@ class RunLogger:
                                                  warmup_steps=cfg.optim.warmup_steps),
                                     teacher=scorer.teacher is not None)
         self.rewards: list[float] = []  # mean reward per step, for the summary
-        self.save_seconds = 0.0  # the latest checkpoint's, logged as timing_s/save_checkpoint
         self.elapsed_before = 0.0  # of the run before a resume
         self.start_time = time.perf_counter()
         self.system = SystemSampler(cfg.logging.system_interval_s)
@@ -158,7 +157,7 @@ class RunLogger:
             out.rollout.tokens_per_sec,
             out.trained_tokens * cfg.grpo.num_iterations / update_s if out.updated else 0.0,
             sum(map(sum, out.rollout.logprobs or [])), out.rollout.num_generated_tokens])
-        phases = {**timer.seconds, "reward": out.reward_seconds, "save_checkpoint": self.save_seconds}
+        phases = {**timer.seconds, "reward": out.reward_seconds}
         record = step_record(cfg, out.stats, seen, self.scorer, out.learning_rate, out.rollout.max_new_tokens)
         record["objective/logprobs"] = logprob_sum / max(sampled_tokens, 1)  # of the sampled tokens, when sampled
         record.update(difficulty_metrics(self.levels, seen.levels, seen.correct, seen.scored.valid))
