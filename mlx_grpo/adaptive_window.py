@@ -3,7 +3,7 @@ the recent successful completions, so a step does not pay for tokens that correc
 need. With probability epsilon a step explores at the full maximum instead, which keeps a window
 that has become too small from hiding the longer answers that would need more room.
 
-"Success" is the pass@1 rule: the correctness criterion reaches logging.correct_threshold.
+"Success" is the pass@1 rule: the correctness criterion reaches reward.correct_threshold.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ class AdaptiveWindow:
     Exploration is decided by (seed, step) alone, so a resumed run explores on the same steps.
     """
 
-    def __init__(self, seed: int, max_tokens: int, min_tokens: int, margin: int, percentile: float,
-                 epsilon: float, history: int, ema: float = 0.9):
-        self.seed, self.max_tokens, self.min_tokens = seed, max_tokens, min_tokens
+    # The window covers the 95th percentile of the latest 256 successful lengths plus 4 tokens, is
+    # never below 4 tokens, and one step in ten explores at the full budget: enough room for the
+    # typical answer, and a steady chance to find out that longer ones succeed.
+    def __init__(self, seed: int, max_tokens: int, min_tokens: int = 4, margin: int = 4, percentile: float = 95.0,
+                 epsilon: float = 0.1, history: int = 256, ema: float = 0.9):
+        self.seed, self.max_tokens, self.min_tokens = seed, max_tokens, min(min_tokens, max_tokens)
         self.margin, self.percentile, self.epsilon, self.ema_decay = margin, percentile, epsilon, ema
         self.success_lengths: deque = deque(maxlen=history)  # lengths of the latest successes, all steps
         self.success_rate_ema: float | None = None

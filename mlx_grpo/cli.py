@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 import mlx_grpo  # noqa: F401  (loads the optimised BLAS before mlx.core)
-from mlx_grpo.config import Config, iter_fields, load_config, load_run_config, parse_cli_value, to_dict
+from mlx_grpo.config import (Config, iter_fields, load_config, load_run_config, old_name_message, parse_cli_value,
+                             to_dict)
 from mlx_grpo.errors import UserInputError
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -67,8 +68,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
             joined[-1] = f"{joined[-1]}={token}"
         else:
             joined.append(token)
-    args = build_parser().parse_args(joined)
-    overrides = {}
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(joined)
+    overrides = dotted_flags(parser, unknown)
     for key, value in vars(args).items():
         if key.startswith("field:"):
             overrides[key[len("field:"):]] = parse_cli_value(value)
@@ -81,6 +83,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     return args, overrides
 
 
+def dotted_flags(parser: argparse.ArgumentParser, tokens: list[str]) -> dict:
+    """The flags argparse does not know: --task.OPTION VALUE (a built-in task's own options), and the
+    settings of earlier versions, each answered with what to write instead."""
+    overrides = {}
+    while tokens:
+        flag, *rest = tokens.pop(0).split("=", 1)
+        name = flag[2:] if flag.startswith("--") else None
+        old = old_name_message(name) if name else None
+        if old is not None:
+            parser.error(old)
+        if name is None or not name.startswith("task.") or not (rest or tokens):
+            parser.error(f"unrecognized arguments: {flag}")
+        overrides[name] = parse_cli_value(rest[0] if rest else tokens.pop(0))
+    return overrides
+
+
 def make_run_dirs(cfg: Config, check: bool = True) -> tuple[Path, Path]:
     name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.train.output_dir) / "runs" / name
@@ -91,22 +109,19 @@ def make_run_dirs(cfg: Config, check: bool = True) -> tuple[Path, Path]:
 
 def validate_inputs(cfg: Config):
     """Check everything the user supplied before the (slow) model load."""
-    from mlx_grpo.data import load_dataset, task_options
+    from mlx_grpo.data import load_dataset
     from mlx_grpo.models import validate_generation_length, validate_model_path
     from mlx_grpo.rewards import load_rubric
+    from mlx_grpo.rewards.correct import CorrectRule
     from mlx_grpo.rewards.rubric import dry_call_checks
 
     rubric = load_rubric(cfg.rubric)  # the rubric's own mistakes first, before the dataset's
-    items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
-                         on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
+    items = load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size, **cfg.task)
     if items:
         dry_call_checks(rubric, items[0])
     validate_model_path(cfg.model.path)
     validate_generation_length(cfg.model.path, cfg.rollout.max_new_tokens)
-    names = [c.name for c in rubric.criteria]
-    if cfg.logging.correct_criterion and cfg.logging.correct_criterion not in names:
-        raise UserInputError(f"config: logging.correct_criterion {cfg.logging.correct_criterion!r} is not a "
-                             f"criterion of {cfg.rubric} ({', '.join(names)})")
+    CorrectRule.from_config(cfg).check(rubric)
     return rubric, items
 
 

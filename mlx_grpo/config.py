@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.tasks import check_task_options, task_option_defaults
 
 
 def opt(default, help: str, choices: tuple | None = None):
@@ -28,12 +29,25 @@ def opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+def checker(prefix: str, section):
+    """require(ok, key, what): raise a one-line UserInputError naming `prefix + key` and its value."""
+    def require(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value = functools.reduce(getattr, key.split("."), section)
+            raise UserInputError(f"config: {prefix}{key} {what}, got {value!r}")
+    return require
+
+
 @dataclass
 class ModelConfig:
     path: str = opt("smollm2-135m-instruct", "Model: built-in alias, Hugging Face id, local mlx-lm directory, or .gguf file.")
     dtype: str = opt("auto", "Weight dtype. 'auto' is bfloat16 on a Mac's GPU (Metal) and float32 on a CPU, where "
                              "bfloat16 matmuls are slow. 'native' keeps the checkpoint's dtype (a 4-bit model stays "
                              "quantised: QLoRA).", ("auto", "float32", "float16", "bfloat16", "native"))
+
+    def validate(self) -> None:
+        checker("model.", self)(bool(self.path.strip()), "path",
+                                "must name a model (built-in alias, HF id, directory or .gguf)")
 
 
 @dataclass
@@ -45,6 +59,15 @@ class LoraConfig:
     num_layers: int = opt(-1, "Adapt the last N transformer blocks (-1 = all).")
     target_modules: list = opt([], "Linear layers to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; empty = mlx-lm's default set.")
 
+    def validate(self) -> None:
+        require = checker("lora.", self)
+        require(self.rank >= 1, "rank", "must be at least 1")
+        require(self.alpha > 0, "alpha", "must be positive")
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        require(self.num_layers == -1 or self.num_layers >= 1, "num_layers", "must be -1 (all) or at least 1")
+        require(all(isinstance(m, str) and m.strip() for m in self.target_modules), "target_modules",
+                "must be a list of layer names such as [q_proj, v_proj]")
+
 
 @dataclass
 class DataConfig:
@@ -52,22 +75,28 @@ class DataConfig:
                                   "file with a 'prompt' field.")
     train_size: int = opt(2000, "Number of training prompts generated for built-in tasks (one epoch).")
     test_size: int = opt(200, "Number of held-out prompts generated for built-in tasks.")
-    instruction: str = opt("", "Built-in tasks: the instruction after each question; empty = the task's own "
-                               "(largest: 'Answer with just the number.').")
-    list_size: int = opt(3, "Largest task difficulty: how many numbers each question lists (3-5 are its levels).")
-    min_list_size: int = opt(0, "Largest task: when above 0 and below list_size, each question lists between this many "
-                                "and list_size numbers, so one dataset holds several difficulty levels.")
-    max_value: int = opt(99, "Largest task: the numbers are drawn from 1 to this.")
-    max_ops: int = opt(1, "Arithmetic task difficulty: at most this many operations per problem (1-3).")
-    max_operand: int = opt(20, "Arithmetic task difficulty: largest number in a problem.")
     system_prompt: str = opt("", "System prompt; empty = the task's default. A dataset row's 'system' field wins.")
-    on_bad_line: str = opt("error", "What to do with a malformed JSONL line.", ("error", "skip"))
     curriculum: bool = opt(False, "Sample the easiest difficulty level first; the next level joins the pool once the "
                                   "current one's recent accuracy reaches curriculum_threshold.")
-    curriculum_threshold: float = opt(0.7, "Curriculum: the accuracy (pass@1 rule) that unlocks the next level.")
-    curriculum_window: int = opt(64, "Curriculum: that accuracy is over the current level's last N scored completions.")
+    curriculum_threshold: float = opt(0.7, "Curriculum: the accuracy (reward.correct_*) over the current level's last "
+                                           "64 scored completions that unlocks the next level.")
     epoch_size: int = opt(80, "Prompts per epoch for the Epoch/* metrics (80: the demo's 100 steps of 4 prompts show "
                               "5 epochs); 0 = one pass over the training prompts.")
+
+    def validate(self) -> None:
+        require = checker("data.", self)
+        require(self.train_size >= 1, "train_size", "must be at least 1")
+        require(self.test_size >= 0, "test_size", "must be >= 0")
+        require(0 <= self.curriculum_threshold <= 1, "curriculum_threshold", "must be in [0, 1]")
+        require(self.epoch_size >= 0, "epoch_size", "must be >= 0")
+
+
+@dataclass
+class RewardConfig:
+    correct_criterion: str = opt("", "Criterion whose score decides 'correct': pass@1 and pass@all, eval accuracy, "
+                                     "S-GRPO's rewards, the curriculum and the adaptive window; empty = the rubric's "
+                                     "`correct:` criterion, or the total reward when it names none.")
+    correct_threshold: float = opt(1.0, "A completion is correct when that score is >= this.")
 
 
 @dataclass
@@ -78,14 +107,9 @@ class RolloutConfig:
                                  "problems with reasoning need about 64, code 256).")
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 = off).")
-    adaptive_window: bool = opt(False, "Set each step's max_new_tokens from the recent successful completions' lengths "
-                                       "(their window_percentile plus window_margin, within [window_min_tokens, "
-                                       "max_new_tokens]); a step explores at max_new_tokens with probability window_epsilon.")
-    window_min_tokens: int = opt(4, "Adaptive window: the smallest budget it may set.")
-    window_margin: int = opt(4, "Adaptive window: tokens of room above that percentile.")
-    window_percentile: float = opt(95.0, "Adaptive window: the percentile of the successful lengths the window covers.")
-    window_epsilon: float = opt(0.1, "Adaptive window: the chance that a step explores at the full max_new_tokens.")
-    window_history: int = opt(256, "Adaptive window: how many of the latest successful lengths it remembers.")
+    adaptive_window: bool = opt(False, "Set each step's max_new_tokens from the lengths of the latest 256 correct "
+                                       "completions (their 95th percentile plus 4 tokens, at least 4, at most "
+                                       "max_new_tokens); one step in ten explores at max_new_tokens.")
     dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (no "
                                         "signal) and draw more prompts until batch_size groups with a spread exist, "
                                         "or max_resample_batches batches were drawn (then dropped groups fill the rest).")
@@ -94,6 +118,22 @@ class RolloutConfig:
     pipeline: bool = opt(False, "Generate the next batch while the teacher scores this one. That batch then trains one "
                                 "update late, with its importance ratio taken against the policy that sampled it. "
                                 "Pays off when teacher latency is a large part of a step.")
+    sgrpo: bool = opt(False, "S-GRPO (serial group): per prompt, one full reasoning path, then G - 1 answers from exits "
+                             "cut inside its <reasoning>; correct answers earn 1, 1/2, 1/4, ... by exit order, wrong "
+                             "ones 0, and the advantage is the reward minus the group mean. It replaces the parallel group.")
+    sgrpo_answer_tokens: int = opt(16, "S-GRPO: the most tokens an early exit's answer may take.")
+
+    def validate(self) -> None:
+        require = checker("rollout.", self)
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.group_size >= 2, "group_size", "must be at least 2 (advantages compare completions within a group)")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        require(self.temperature >= 0, "temperature", "must be >= 0")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.max_resample_batches >= 1, "max_resample_batches", "must be at least 1")
+        require(not (self.dynamic_sampling and self.pipeline), "dynamic_sampling",
+                "does not go with rollout.pipeline, which must sample the next batch before this one's scores are known")
+        require(self.sgrpo_answer_tokens >= 1, "sgrpo_answer_tokens", "must be at least 1")
 
 
 @dataclass
@@ -101,7 +141,8 @@ class GRPOConfig:
     beta: float = opt(0.0, "Weight of the k3 KL penalty to the reference (base) model; 0 skips the reference pass.")
     epsilon: float = opt(0.2, "Lower clip range of the importance ratio: 1 - epsilon.")
     epsilon_high: float = opt(0.28, "Upper clip range: 1 + epsilon_high (DAPO's clip-higher).")
-    loss_type: str = opt("bnpo", "Loss aggregation: grpo (per-sequence mean), bnpo/dapo (token mean), dr_grpo (sum / (N * max_len)).",
+    loss_type: str = opt("bnpo", "Loss aggregation: grpo (per-sequence mean), bnpo (token mean; dapo is another name "
+                                 "for it), dr_grpo (sum / (N * max_len)).",
                          ("grpo", "bnpo", "dapo", "dr_grpo"))
     scale_rewards: str = opt("group", "Divide advantages by the group std, the batch std, or not at all (Dr. GRPO).",
                              ("group", "batch", "none"))
@@ -127,11 +168,24 @@ class GRPOConfig:
     overlong_buffer: int = opt(16, "The overlong punishment's ramp, in tokens before max_new_tokens.")
     share_prompt_pass: bool = opt(True, "Run each group's prompt through the model once in the log-prob and update passes, "
                                         "its G completions attending to that one copy (false: every row in full).")
-    sgrpo: bool = opt(False, "S-GRPO (serial group): per prompt, one full reasoning path, then G - 1 answers from exits "
-                             "cut inside its <reasoning>; correct answers earn 1, 1/2, 1/4, ... by exit order, wrong "
-                             "ones 0, and the advantage is the reward minus the group mean. It replaces the parallel group.")
-    sgrpo_answer_tokens: int = opt(16, "S-GRPO: the most tokens an early exit's answer may take.")
-    logprob_chunk_size: int = opt(64, "Completion positions per chunk when computing log-probs (bounds the logits memory).")
+
+    def validate(self) -> None:
+        require = checker("grpo.", self)
+        require(self.beta >= 0, "beta", "must be >= 0")
+        require(self.epsilon > 0, "epsilon", "must be positive")
+        require(self.epsilon_high > 0, "epsilon_high", "must be positive")
+        require(self.importance_sampling_level == "token" or self.loss_type != "dr_grpo", "importance_sampling_level",
+                "sequence (GSPO) is length-normalised and does not go with loss_type dr_grpo; use grpo or bnpo")
+        per_criterion = self.reward_aggregation == "normalize_then_sum"
+        require(not (per_criterion and self.overlong_penalty > 0), "reward_aggregation",
+                "normalize_then_sum does not go with grpo.overlong_penalty (a reward term outside the rubric's criteria)")
+        require(not per_criterion or self.scale_rewards == "group", "scale_rewards",
+                "does not apply with reward_aggregation normalize_then_sum, which divides each criterion by its "
+                "group's std; leave it at group")
+        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "must be 0 (off) or at least 1")
+        require(0 < self.top_entropy_quantile <= 1, "top_entropy_quantile", "must be in (0, 1]")
+        require(self.num_iterations >= 1, "num_iterations", "must be at least 1")
+        require(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0")
 
 
 @dataclass
@@ -150,6 +204,15 @@ class OptimConfig:
                                "recompile. Helps most on Metal; on CPU each new shape costs a g++ build.")
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step; the B*G completions are split evenly among them.")
 
+    def validate(self) -> None:
+        require = checker("optim.", self)
+        require(self.learning_rate > 0, "learning_rate", "must be positive")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be at least 1")
+
 
 @dataclass
 class TrainConfig:
@@ -157,31 +220,37 @@ class TrainConfig:
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
     save_every: int = opt(10, "Save a checkpoint (and the adapters) every N steps (0 = only at the end).")
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints in <run>/checkpoints (0 = keep all).")
-    max_nonfinite_skips: int = opt(5, "Stop after this many consecutive updates skipped for a NaN/inf loss or gradient.")
     run_name: str = opt("", "Run name; empty = a timestamp.")
     output_dir: str = opt("logs", "Root of logs/runs/<run> and logs/tensorboard/<run>.")
+
+    def validate(self) -> None:
+        require = checker("train.", self)
+        require(self.steps >= 1, "steps", "must be at least 1")
+        require(self.save_every >= 0, "save_every", "must be >= 0")
+        require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
+        require(not self.run_name or "/" not in self.run_name and self.run_name not in (".", ".."), "run_name",
+                "must be a plain directory name")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = opt("auto", "Mirror metrics to Weights & Biases: auto = when WANDB_API_KEY (or a W&B mode) is set; "
-                             "on; off (also --no-wandb). true/false mean on/off.", ("auto", "on", "off"))
-    wandb_mode: str = opt("", "W&B mode: online, offline (no account needed) or disabled; empty = W&B's default "
-                              "(WANDB_MODE).", ("", "online", "offline", "disabled"))
+    wandb: str = opt("auto", "Mirror metrics to Weights & Biases: auto = when WANDB_API_KEY or WANDB_MODE is set; on "
+                             "(W&B's own mode: online unless WANDB_MODE says otherwise); offline (into the run "
+                             "directory, no account needed); off (also --no-wandb). true/false mean on/off.",
+                     ("auto", "on", "offline", "off"))
     wandb_project: str = opt("mlx-grpo", "W&B project name.")
     sample_every: int = opt(5, "Write sample completions to completions.jsonl, and a few to a TensorBoard text "
                                "event, every N steps (0 = never).")
-    performance_every: int = opt(10, "Log Performance/Generation_TokensPerSec and _Time every N batches "
-                                     "(the running averages and percentiles are logged every step).")
     histogram_every: int = opt(10, "Log reward histograms every N steps (once at least 10 samples exist).")
-    correct_criterion: str = opt("", "Criterion whose score decides 'correct' for pass_at_1 / pass_at_all "
-                                     "(batch_metrics.jsonl) and eval accuracy; empty = the rubric's `correct:` "
-                                     "criterion, or the total reward when it names none.")
-    correct_threshold: float = opt(1.0, "A completion is correct when that score is >= this.")
     entropy_dump_every: int = opt(0, "Every N steps write the per-token entropy and varentropy of the sampling policy "
                                      "to <run>/entropy_data/entropy_step_NNNNNN.safetensors (0 = never; never to W&B). "
                                      "scripts/entropy_report.py plots them.")
-    system_interval_s: float = opt(1.0, "Seconds between System/* samples (taken in a background thread).")
+
+    def validate(self) -> None:
+        require = checker("logging.", self)
+        require(self.sample_every >= 0, "sample_every", "must be >= 0")
+        require(self.histogram_every >= 1, "histogram_every", "must be at least 1")
+        require(self.entropy_dump_every >= 0, "entropy_dump_every", "must be >= 0")
 
 
 @dataclass
@@ -192,7 +261,13 @@ class EvalConfig:
     samples: int = opt(1, "Completions per held-out prompt; pass@k is reported for k up to this.")
     temperature: float = opt(0.0, "Sampling temperature for evaluation (0 = greedy: one deterministic answer).")
     dataset: str = opt("", "Held-out prompts: empty = the built-in task's test split; else a JSONL file.")
-    chunk_rows: int = opt(64, "Completions generated together per evaluation batch (bounds memory).")
+
+    def validate(self) -> None:
+        require = checker("eval.", self)
+        require(self.every >= 0, "every", "must be >= 0")
+        require(self.num_prompts >= 1, "num_prompts", "must be at least 1")
+        require(self.samples >= 1, "samples", "must be at least 1")
+        require(self.temperature >= 0, "temperature", "must be >= 0")
 
 
 @dataclass
@@ -200,15 +275,42 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: dict = opt({}, "Options of the built-in task named by data.dataset, e.g. --task.list_size 4. largest: "
+                         "list_size (3; how many numbers each question lists, 3-5 are its levels), min_list_size (0; "
+                         "above 0, each question lists between this many and list_size), max_value (99). "
+                         "arithmetic: max_ops (1; operations per problem, 1-3), max_operand (20). Every task: "
+                         "instruction (the text after each question; empty = the task's own).")
     rubric: str = opt("rubrics/largest.yaml", "Path to the rubric YAML that scores completions. Edits to it apply from the next step.")
     teacher_cache: str = opt("", "Teacher score cache (sqlite). Empty = teacher_cache.sqlite in the run directory; "
                                  "a shared path such as ~/.cache/mlx-grpo/teacher.sqlite reuses scores across runs.")
+    reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Each section checks its own ranges; the checks that join two sections are here."""
+        for name, _, kind in iter_fields():  # .inf and .nan would pass the range checks
+            if kind is float:
+                checker("", self)(math.isfinite(functools.reduce(getattr, name.split("."), self)), name,
+                                  "must be a finite number")
+        for section in (self.model, self.lora, self.data, self.rollout, self.grpo, self.optim, self.train,
+                        self.logging, self.eval):
+            section.validate()
+        require = checker("", self)
+        require(bool(self.rubric), "rubric", "must name a rubric YAML file")
+        check_task_options(self.data.dataset, self.task)
+        require(not (self.grpo.reward_aggregation == "normalize_then_sum" and self.rollout.sgrpo),
+                "grpo.reward_aggregation",
+                "normalize_then_sum does not go with rollout.sgrpo, whose rewards come from the exit order, not the criteria")
+        require(self.grpo.overlong_penalty == 0 or 1 <= self.grpo.overlong_buffer <= self.rollout.max_new_tokens,
+                "grpo.overlong_buffer", "must be between 1 and rollout.max_new_tokens when grpo.overlong_penalty is on")
+        n = self.rollout.batch_size * self.rollout.group_size
+        require(n % self.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
+                f"must divide the batch_size * group_size = {n} completions")
 
 
 def iter_fields(cls=Config, prefix: str = ""):
@@ -222,11 +324,52 @@ def iter_fields(cls=Config, prefix: str = ""):
             yield name, f, hints[f.name]
 
 
+# Settings of earlier versions. A config file that uses one gets a one-line message naming what
+# to write instead; a run directory's own config.yaml (written by an earlier version) is read
+# with the new names, and without the removed settings.
+RENAMED = {
+    "logging.correct_criterion": "reward.correct_criterion",  # correctness is a reward concept, not a log's
+    "logging.correct_threshold": "reward.correct_threshold",
+    "grpo.sgrpo": "rollout.sgrpo",  # S-GRPO changes how a group is sampled
+    "grpo.sgrpo_answer_tokens": "rollout.sgrpo_answer_tokens",
+    "logging.wandb_mode": "logging.wandb",  # one W&B switch: auto, on, offline, off
+    **{f"data.{name}": f"task.{name}"  # options of one built-in task, checked by that task
+       for name in ("instruction", "list_size", "min_list_size", "max_value", "max_ops", "max_operand")},
+}
+REMOVED = {
+    "rollout.window_min_tokens": "the adaptive window's floor is 4 tokens",
+    "rollout.window_margin": "the adaptive window adds 4 tokens of margin",
+    "rollout.window_percentile": "the adaptive window covers the 95th percentile",
+    "rollout.window_epsilon": "the adaptive window explores on one step in ten",
+    "rollout.window_history": "the adaptive window remembers the latest 256 successes",
+    "data.curriculum_window": "the curriculum's accuracy is over the level's latest 64 completions",
+    "data.on_bad_line": "a malformed JSONL line is always an error naming its line",
+    "train.max_nonfinite_skips": "training stops after 5 non-finite updates in a row",
+    "grpo.logprob_chunk_size": "log-probs are computed 64 positions at a time",
+    "eval.chunk_rows": "evaluation generates 64 completions at a time",
+    "logging.system_interval_s": "System/* is sampled every second",
+    "logging.performance_every": "Performance/Generation_* is logged every step",
+}
+# logging.wandb_mode's values, as logging.wandb values (a run's old config.yaml)
+_OLD_WANDB_MODES = {"online": "on", "offline": "offline", "disabled": "off"}
+
+
+def old_name_message(dotted: str) -> str | None:
+    """The one-line message for a setting of an earlier version, or None for any other name."""
+    if dotted in RENAMED:
+        new = RENAMED[dotted]
+        choices = dict((n, f.metadata.get("choices")) for n, f, _ in iter_fields()).get(new)
+        return f"'{dotted}' is now '{new}'" + (f" ({', '.join(choices)})" if choices else "")
+    if dotted in REMOVED:
+        return f"'{dotted}' was removed: {REMOVED[dotted]}"
+    return None
+
+
 def _coerce(value: Any, kind, where: str) -> Any:
     """Check a YAML/CLI value against the field's type; ints are accepted for floats."""
-    if isinstance(kind, types.GenericAlias) or kind is list:
-        if not isinstance(value, list):
-            raise UserInputError(f"{where}: expected a list, got {value!r}")
+    if isinstance(kind, types.GenericAlias) or kind in (list, dict):
+        if not isinstance(value, kind if kind in (list, dict) else list):
+            raise UserInputError(f"{where}: expected a {'mapping' if kind is dict else 'list'}, got {value!r}")
         return value
     if kind is bool:
         if isinstance(value, bool):
@@ -247,15 +390,23 @@ def _coerce(value: Any, kind, where: str) -> Any:
 
 
 def _apply(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    if dotted.startswith("task."):  # one option of the built-in task (checked by it in validate)
+        cfg.task = {**cfg.task, dotted[len("task."):]: value}
+        return
     leaves = {name: (f, kind) for name, f, kind in iter_fields()}
     if dotted not in leaves:
+        old = old_name_message(dotted)
+        if old is not None:
+            raise UserInputError(f"{source}: {old}")
         section = dotted.split(".")[0] + "."
         siblings = [n for n in leaves if n.startswith(section)]
         hint = f" (valid: {', '.join(siblings)})" if siblings else ""
         raise UserInputError(f"{source}: unknown key '{dotted}'{hint}")
     f, kind = leaves[dotted]
-    if f.metadata.get("choices") == ("auto", "on", "off") and isinstance(value, bool):
+    if dotted == "logging.wandb" and isinstance(value, bool):
         value = "on" if value else "off"  # `wandb: false` reads naturally in YAML
+    if dotted == "grpo.loss_type" and value == "dapo":
+        value = "bnpo"  # DAPO's token-level mean is bnpo's
     value = _coerce(value, kind, f"{source}: {dotted}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
@@ -269,7 +420,7 @@ def _apply(cfg: Config, dotted: str, value: Any, source: str) -> None:
 
 def _flatten(tree: dict) -> dict[str, Any]:
     """{'grpo': {'beta': 0.1}} -> {'grpo.beta': 0.1}; sections are one level deep."""
-    sections = {name.split(".")[0] for name, _, _ in iter_fields() if "." in name}
+    sections = {name.split(".")[0] for name, _, _ in iter_fields() if "." in name} | {"task"}
     flat = {}
     for key, value in tree.items():
         if key in sections and isinstance(value, dict):
@@ -279,8 +430,10 @@ def _flatten(tree: dict) -> dict[str, Any]:
     return flat
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file, then dotted overrides; then validation."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                earlier_version: bool = False) -> Config:
+    """Defaults, then the YAML file, then dotted overrides; then validation. `earlier_version`:
+    the file is a run's own record, whose old setting names are read as today's."""
     if path is None:
         return _build({}, "", overrides)
     path = Path(path)
@@ -288,17 +441,34 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise UserInputError(f"{path}: config file not found")
     tree = _read_yaml(path)
     tree.pop("resolved_model", None)  # a run's config.yaml records the model directory it loaded
-    return _build(tree, str(path), overrides)
+    return _build(tree, str(path), overrides, earlier_version)
 
 
-def _build(tree: dict, source: str, overrides: dict[str, Any] | None) -> Config:
+def _build(tree: dict, source: str, overrides: dict[str, Any] | None, earlier_version: bool = False) -> Config:
     cfg = Config()
-    for dotted, value in _flatten(tree).items():
+    flat = _flatten(tree)
+    if earlier_version:
+        flat = _today_names(flat)
+    for dotted, value in flat.items():
         _apply(cfg, dotted, value, source)
+    if earlier_version:  # an old record lists every task's options, but its task takes only its own
+        cfg.task = {k: v for k, v in cfg.task.items() if k in task_option_defaults(cfg.data.dataset)}
     for dotted, value in (overrides or {}).items():
         _apply(cfg, dotted, value, "command line")
-    validate(cfg)
+    cfg.validate()
     return cfg
+
+
+def _today_names(flat: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings under today's names, without the removed ones."""
+    today = {}
+    for dotted, value in flat.items():
+        if dotted == "logging.wandb_mode":
+            if value in _OLD_WANDB_MODES and flat.get("logging.wandb") != "off":
+                today["logging.wandb"] = _OLD_WANDB_MODES[value]
+        elif dotted not in REMOVED:
+            today[RENAMED.get(dotted, dotted)] = value
+    return today
 
 
 def _read_yaml(path: Path) -> dict:
@@ -321,98 +491,7 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> C
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserInputError(f"{path} not found; is {run_dir} a run directory?")
-    return load_config(path, overrides)
-
-
-def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
-    def require(ok: bool, key: str, what: str):
-        if not ok:
-            value = cfg
-            for p in key.split("."):
-                value = getattr(value, p)
-            raise UserInputError(f"config: {key} {what}, got {value!r}")
-
-    for name, _, kind in iter_fields():  # .inf and .nan would pass the range checks below
-        if kind is float:
-            require(math.isfinite(functools.reduce(getattr, name.split("."), cfg)), name, "must be a finite number")
-    require(cfg.rollout.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare completions within a group)")
-    require(cfg.rollout.batch_size >= 1, "rollout.batch_size", "must be at least 1")
-    require(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
-    require(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
-    require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    require(cfg.lora.rank >= 1, "lora.rank", "must be at least 1")
-    require(cfg.lora.alpha > 0, "lora.alpha", "must be positive")
-    require(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
-    require(cfg.lora.num_layers == -1 or cfg.lora.num_layers >= 1, "lora.num_layers", "must be -1 (all) or at least 1")
-    require(cfg.grpo.beta >= 0, "grpo.beta", "must be >= 0")
-    require(cfg.grpo.epsilon > 0, "grpo.epsilon", "must be positive")
-    require(cfg.grpo.epsilon_high > 0, "grpo.epsilon_high", "must be positive")
-    require(cfg.grpo.importance_sampling_level == "token" or cfg.grpo.loss_type != "dr_grpo",
-            "grpo.importance_sampling_level", "sequence (GSPO) is length-normalised and does not go with "
-            "loss_type dr_grpo; use grpo, bnpo or dapo")
-    per_criterion = cfg.grpo.reward_aggregation == "normalize_then_sum"
-    require(not (per_criterion and cfg.grpo.sgrpo), "grpo.reward_aggregation",
-            "normalize_then_sum does not go with grpo.sgrpo, whose rewards come from the exit order, not the criteria")
-    require(not (per_criterion and cfg.grpo.overlong_penalty > 0), "grpo.reward_aggregation",
-            "normalize_then_sum does not go with grpo.overlong_penalty (a reward term outside the rubric's criteria)")
-    require(cfg.rollout.max_resample_batches >= 1, "rollout.max_resample_batches", "must be at least 1")
-    require(not (cfg.rollout.dynamic_sampling and cfg.rollout.pipeline), "rollout.dynamic_sampling",
-            "does not go with rollout.pipeline, which must sample the next batch before this one's scores are known")
-    require(cfg.grpo.tis_cap == 0 or cfg.grpo.tis_cap >= 1, "grpo.tis_cap", "must be 0 (off) or at least 1")
-    require(0 < cfg.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile", "must be in (0, 1]")
-    require(cfg.grpo.num_iterations >= 1, "grpo.num_iterations", "must be at least 1")
-    require(cfg.grpo.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be at least 1")
-    require(cfg.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
-    require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    require(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    require(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
-    require(cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be at least 1")
-    n = cfg.rollout.batch_size * cfg.rollout.group_size
-    require(n % cfg.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
-            f"must divide the batch_size * group_size = {n} completions")
-    require(cfg.train.steps >= 1, "train.steps", "must be at least 1")
-    require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
-    require(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
-    require(cfg.train.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", "must be at least 1")
-    require(cfg.data.train_size >= 1, "data.train_size", "must be at least 1")
-    require(cfg.data.test_size >= 0, "data.test_size", "must be >= 0")
-    require(cfg.data.max_ops >= 1, "data.max_ops", "must be at least 1")
-    require(cfg.data.list_size >= 2, "data.list_size", "must be at least 2")
-    require(cfg.data.max_value >= cfg.data.list_size, "data.max_value", "must be at least data.list_size (the numbers are distinct)")
-    require(cfg.data.max_operand >= 2, "data.max_operand", "must be at least 2")
-    require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
-    require(cfg.logging.performance_every >= 1, "logging.performance_every", "must be at least 1")
-    require(cfg.logging.histogram_every >= 1, "logging.histogram_every", "must be at least 1")
-    require(cfg.data.min_list_size == 0 or 2 <= cfg.data.min_list_size <= cfg.data.list_size, "data.min_list_size",
-            "must be 0 (off) or between 2 and data.list_size")
-    require(0 <= cfg.data.curriculum_threshold <= 1, "data.curriculum_threshold", "must be in [0, 1]")
-    require(cfg.data.curriculum_window >= 1, "data.curriculum_window", "must be at least 1")
-    require(1 <= cfg.rollout.window_min_tokens <= cfg.rollout.max_new_tokens, "rollout.window_min_tokens",
-            "must be between 1 and rollout.max_new_tokens")
-    require(cfg.rollout.window_margin >= 0, "rollout.window_margin", "must be >= 0")
-    require(0 < cfg.rollout.window_percentile <= 100, "rollout.window_percentile", "must be in (0, 100]")
-    require(0 <= cfg.rollout.window_epsilon <= 1, "rollout.window_epsilon", "must be in [0, 1]")
-    require(cfg.rollout.window_history >= 1, "rollout.window_history", "must be at least 1")
-    require(cfg.grpo.overlong_penalty >= 0, "grpo.overlong_penalty", "must be >= 0")
-    require(cfg.grpo.overlong_penalty == 0 or 1 <= cfg.grpo.overlong_buffer <= cfg.rollout.max_new_tokens,
-            "grpo.overlong_buffer", "must be between 1 and rollout.max_new_tokens when grpo.overlong_penalty is on")
-    require(cfg.grpo.sgrpo_answer_tokens >= 1, "grpo.sgrpo_answer_tokens", "must be at least 1")
-    require(cfg.logging.entropy_dump_every >= 0, "logging.entropy_dump_every", "must be >= 0")
-    require(cfg.logging.system_interval_s > 0, "logging.system_interval_s", "must be positive")
-    require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
-    require(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be at least 1")
-    require(cfg.eval.samples >= 1, "eval.samples", "must be at least 1")
-    require(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")
-    require(cfg.eval.chunk_rows >= 1, "eval.chunk_rows", "must be at least 1")
-    require(cfg.data.epoch_size >= 0, "data.epoch_size", "must be >= 0")
-    require(bool(cfg.rubric), "rubric", "must name a rubric YAML file")
-    require(bool(cfg.model.path.strip()), "model.path", "must name a model (built-in alias, HF id, directory or .gguf)")
-    require(all(isinstance(m, str) and m.strip() for m in cfg.lora.target_modules), "lora.target_modules",
-            "must be a list of layer names such as [q_proj, v_proj]")
-    require(not cfg.train.run_name or "/" not in cfg.train.run_name and cfg.train.run_name not in (".", ".."),
-            "train.run_name", "must be a plain directory name")
+    return load_config(path, overrides, earlier_version=True)
 
 
 def to_dict(cfg: Config) -> dict:

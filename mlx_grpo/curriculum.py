@@ -62,13 +62,13 @@ class Curriculum:
     during a step is drawn before that step's results are known, one step behind.
     """
 
-    def __init__(self, items: list[dict], seed: int, threshold: float, window: int):
+    def __init__(self, items: list[dict], seed: int, threshold: float, window: int = 64):
         self.items, self.seed, self.threshold = items, seed, threshold
         self.levels = difficulty_levels(items)
         if len(self.levels) < 2:
             raise UserInputError("data.curriculum needs a dataset with at least two difficulty levels; "
-                                 f"this one has {len(self.levels)} (e.g. largest with data.min_list_size 3 "
-                                 "and data.list_size 5, or arithmetic with data.max_ops 3)")
+                                 f"this one has {len(self.levels)} (e.g. largest with task.min_list_size 3 "
+                                 "and task.list_size 5, or arithmetic with task.max_ops 3)")
         self.level = 0  # index into self.levels of the hardest level in the pool
         self.recent: deque = deque(maxlen=window)  # correct (1.0) or not, the current level's latest
         self.sampler = self._sampler()

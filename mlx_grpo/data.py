@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_grpo.errors import UserInputError
-from mlx_grpo.tasks.arithmetic import arithmetic_dataset
-from mlx_grpo.tasks.coding import coding_dataset
-from mlx_grpo.tasks.largest import largest_dataset
+from mlx_grpo.tasks import BUILTIN_TASKS, check_task_options
 
 # ---------------------------------------------------------------------------------------------
 # JSONL
@@ -108,22 +106,7 @@ def load_jsonl(path: str | Path, on_bad_line: str = "error") -> tuple[list[dict]
 # ---------------------------------------------------------------------------------------------
 # Dataset entry point
 
-# Built-in task name -> (builder(split, size, seed, **options), the options it takes). Every task
-# takes `instruction` (the text after the question; "" = the task's own) and its own difficulty
-# options; the other tasks' options are not passed to it.
-BUILTIN_TASKS = {
-    "largest": (largest_dataset, ("list_size", "min_list_size", "max_value", "instruction")),
-    "arithmetic": (arithmetic_dataset, ("max_ops", "max_operand", "instruction")),
-    "coding": (coding_dataset, ("instruction",)),
-}
 _DEFAULT_SIZES = {"train": 2000, "test": 200}
-
-
-def task_options(data_cfg) -> dict:
-    """The built-in tasks' options (instruction and difficulty) from a config's data section."""
-    return {"max_ops": data_cfg.max_ops, "max_operand": data_cfg.max_operand, "list_size": data_cfg.list_size,
-            "min_list_size": data_cfg.min_list_size,
-            "max_value": data_cfg.max_value, "instruction": data_cfg.instruction}
 
 
 def load_dataset(
@@ -137,15 +120,15 @@ def load_dataset(
     """A built-in task by name ("largest", "arithmetic", "coding") or the rows of a .jsonl file.
 
     Built-in tasks have "train" and "test" splits; size defaults to 2000 / 200 (coding has 40
-    tasks in all and returns its whole split when size exceeds it). `options` are the tasks'
-    options: instruction, list_size and max_value for largest, max_ops and max_operand for arithmetic.
+    tasks in all and returns its whole split when size exceeds it). `options` are the task's own
+    (the config's `task:` section; tasks/__init__.py).
     A JSONL file is a single split: `split` is ignored and every row is returned (the first
     `size` rows when size is given); name a second file for held-out evaluation.
     """
+    check_task_options(spec, options)
     if spec in BUILTIN_TASKS:
         n = _DEFAULT_SIZES.get(split, 0) if size is None else size
-        build, takes = BUILTIN_TASKS[spec]
-        return build(split, n, seed, **{key: value for key, value in options.items() if key in takes})
+        return BUILTIN_TASKS[spec](split, n, seed, **options)
     path = Path(spec).expanduser()
     if path.is_file():
         rows, _ = load_jsonl(path, on_bad_line=on_bad_line)

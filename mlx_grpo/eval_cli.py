@@ -34,9 +34,9 @@ def build_parser():
     parser.add_argument("--max-new-tokens", type=int, help="Completion length limit (default: rollout.max_new_tokens).")
     parser.add_argument("--seed", type=int, help="Seed of the prompts and of sampling (default: train.seed).")
     parser.add_argument("--correct-criterion", help="Criterion that decides a correct answer for pass@k "
-                        "(default: logging.correct_criterion; empty = the total reward).")
+                        "(default: reward.correct_criterion; empty = the total reward).")
     parser.add_argument("--correct-threshold", type=float, help="Correct when that score is >= this (default: "
-                        "logging.correct_threshold).")
+                        "reward.correct_threshold).")
     parser.add_argument("--output", help="Where to write the JSON (default: RUN_DIR/eval.json, else logs/eval/<time>.json).")
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     return parser
@@ -50,22 +50,25 @@ def eval_config(args, run_dir: Path | None) -> Config:
         "model.path": args.model, "rubric": args.rubric, "data.test_size": args.num_prompts,
         "eval.samples": args.samples, "eval.temperature": args.temperature,
         "rollout.max_new_tokens": args.max_new_tokens, "train.seed": args.seed,
-        "logging.correct_criterion": args.correct_criterion, "logging.correct_threshold": args.correct_threshold,
+        "reward.correct_criterion": args.correct_criterion, "reward.correct_threshold": args.correct_threshold,
     }.items() if value is not None}
-    if args.data is not None:
-        overrides["data.dataset" if args.data in BUILTIN_TASKS else "eval.dataset"] = args.data
-    if run_dir is not None:
-        return load_run_config(run_dir, overrides)
     config_path = args.config if Path(args.config).exists() or args.config != DEFAULT_CONFIG else None
-    return load_config(config_path, overrides)
+
+    def load(changes: dict) -> Config:
+        return load_run_config(run_dir, changes) if run_dir is not None else load_config(config_path, changes)
+
+    if args.data is not None and args.data not in BUILTIN_TASKS:
+        overrides["eval.dataset"] = args.data
+    elif args.data is not None and args.data != load({}).data.dataset:  # another task: not the run's task options
+        overrides.update({"data.dataset": args.data, "task": {}})
+    return load(overrides)
 
 
 def run_eval(args, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mlx_grpo.data import task_options
     from mlx_grpo.evaluate import evaluate_with_config, hack_baselines, held_out_items, load_run_adapters
-    from mlx_grpo.metrics.record import correctness_criterion
+    from mlx_grpo.rewards.correct import CorrectRule
     from mlx_grpo.adapters import adapters_disabled, has_lora
     from mlx_grpo.models import load_model, validate_model_path
     from mlx_grpo.rewards import load_rubric
@@ -95,9 +98,8 @@ def run_eval(args, console) -> int:
                     "dataset": e.dataset or cfg.data.dataset, "split": "test", "num_prompts": len(items),
                     "samples": e.samples, "temperature": e.temperature, "top_p": cfg.rollout.top_p,
                     "max_new_tokens": cfg.rollout.max_new_tokens, "seed": cfg.train.seed,
-                    "correct_criterion": correctness_criterion(cfg.logging.correct_criterion, rubric) or "reward",
-                    "correct_threshold": cfg.logging.correct_threshold,
-                    "task_options": task_options(cfg.data)}
+                    "correct_criterion": CorrectRule.from_config(cfg).criterion_of(rubric) or "reward",
+                    "correct_threshold": cfg.reward.correct_threshold, "task_options": cfg.task}
         console.print(f"Evaluating {len(items)} held-out prompts x {e.samples} samples at temperature "
                       f"{e.temperature} (seed {cfg.train.seed})", soft_wrap=True)
 

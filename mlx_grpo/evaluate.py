@@ -17,12 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_grpo.curriculum import difficulty_levels, difficulty_metrics, level_indices
-from mlx_grpo.data import build_prompt_tokens
 from mlx_grpo.errors import UserInputError
-from mlx_grpo.metrics.record import correct_mask, correctness_criterion
 from mlx_grpo.rewards.checks import extract_answer, last_number, normalize, numbers_in
-from mlx_grpo.rewards import contiguous_groups
-from mlx_grpo.rollout import generate_rollout
+from mlx_grpo.rewards.correct import CorrectRule
+from mlx_grpo.rollout_source import sample_and_score
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -138,34 +136,28 @@ class EvalResult:
 
 def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_new_tokens: int,
              temperature: float, top_p: float = 1.0, seed: int = 0, system_prompt: str | None = None,
-             correct_criterion: str = "", correct_threshold: float = 1.0, chunk_rows: int = 64,
-             progress=None) -> EvalResult:
+             correct: CorrectRule = CorrectRule(), chunk_rows: int = 64, progress=None) -> EvalResult:
     """Sample `samples` completions for each item, score them, and summarise (see eval_metrics).
+    Completions are generated `chunk_rows` at a time (that bounds memory).
 
     progress(done_prompts, total_prompts) is called after each chunk.
     """
-    if correct_criterion and correct_criterion not in {c.name for c in scorer.rubric.criteria}:
-        raise UserInputError(f"correct criterion {correct_criterion!r} is not a criterion of {scorer.rubric.path} "
-                             f"({', '.join(c.name for c in scorer.rubric.criteria)})")
+    correct.check(scorer.rubric)
     per_chunk = max(1, chunk_rows // samples)
-    eos_ids = set(tokenizer.eos_token_ids)
     parts: dict[str, list] = {"rewards": [], "valid": [], "correct": [], "lengths": [], "truncated": []}
     columns: dict[str, list] = {c.name: [] for c in scorer.rubric.criteria}
     rows: list[dict] = []
     start_time = time.perf_counter()
     for chunk, start in enumerate(range(0, len(items), per_chunk)):
-        batch = items[start:start + per_chunk]
-        mx.random.seed(seed * 1_000_003 + chunk)  # the same draws for every model evaluated with this seed
-        prompts = [build_prompt_tokens(tokenizer, s, system_prompt) for s in batch]
-        rollout = generate_rollout(model, prompts, group_size=samples, max_new_tokens=max_new_tokens,
-                                   eos_token_ids=eos_ids, temperature=temperature, top_p=top_p)
-        texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
-        group_samples = [s for s in batch for _ in range(samples)]
-        scored = scorer.score(group_samples, texts, contiguous_groups(len(texts), samples))
-        correct = correct_mask(scored, correct_criterion, correct_threshold)
+        # Seeded by (seed, chunk): every model evaluated with this seed gets the same draws.
+        sampled = sample_and_score(model, tokenizer, scorer, items[start:start + per_chunk],
+                                   seed=seed * 1_000_003 + chunk, group_size=samples, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, system_prompt=system_prompt)
+        rollout, texts, scored = sampled.rollout, sampled.texts, sampled.scoring.result()
+        is_correct = correct.mask(scored, scorer.rubric)
         parts["rewards"].append(scored.rewards)
         parts["valid"].append(scored.valid)
-        parts["correct"].append(correct)
+        parts["correct"].append(is_correct)
         parts["lengths"].append(np.array(rollout.completion_lengths))
         parts["truncated"].append(np.array(rollout.truncated, dtype=bool))
         for name in columns:
@@ -174,7 +166,7 @@ def evaluate(model, tokenizer, items: list[dict], scorer, *, samples: int, max_n
             rows.append({"prompt_index": start + i // samples, "completion": text,
                          "reward": float(scored.rewards[i]) if scored.valid[i] else None,
                          "answer": final_answer(text),
-                         "correct": bool(correct[i]), "tokens": len(rollout.completion_tokens[i]),
+                         "correct": bool(is_correct[i]), "tokens": len(rollout.completion_tokens[i]),
                          "finish_reason": rollout.finish_reasons[i],
                          "scores": {n: None if np.isnan(c[i]) else round(float(c[i]), 4)
                                     for n, c in scored.criterion_scores.items()}})
@@ -196,21 +188,19 @@ def evaluate_with_config(model, tokenizer, items: list[dict], scorer, cfg, progr
     return evaluate(model, tokenizer, items, scorer, samples=cfg.eval.samples,
                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.eval.temperature,
                     top_p=cfg.rollout.top_p, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt or None,
-                    correct_criterion=correctness_criterion(cfg.logging.correct_criterion, scorer.rubric),
-                    correct_threshold=cfg.logging.correct_threshold, chunk_rows=cfg.eval.chunk_rows,
-                    progress=progress)
+                    correct=CorrectRule.from_config(cfg), progress=progress)
 
 
 def held_out_items(cfg) -> list[dict]:
     """The held-out prompts: eval.dataset if set, else the built-in task's test split."""
-    from mlx_grpo.data import BUILTIN_TASKS, task_options, load_dataset
+    from mlx_grpo.data import BUILTIN_TASKS, load_dataset
 
     spec = cfg.eval.dataset or cfg.data.dataset
     if not cfg.eval.dataset and spec not in BUILTIN_TASKS:
         raise UserInputError(f"eval: {spec} has no held-out split; name a held-out JSONL file with eval.dataset "
                              "(or --data for `uv run eval`)")
     return load_dataset(spec, split="test", seed=cfg.train.seed, size=cfg.data.test_size,
-                        on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
+                        **({} if cfg.eval.dataset else cfg.task))  # the task's options, not a file's
 
 
 def load_run_adapters(model, run_dir: Path) -> None:

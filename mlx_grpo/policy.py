@@ -54,6 +54,9 @@ def prepare_trainable(model, cfg: Config) -> dict:
                       num_layers=cfg.lora.num_layers, target_modules=cfg.lora.target_modules or None)
 
 
+LOGPROB_CHUNK = 64  # completion positions per log-prob chunk: bounds the (rows, chunk, vocab) logits
+
+
 def batch_logprobs(model, batch: TrainBatch, cfg: Config, return_entropy: bool = False,
                    return_varentropy: bool = False, path: LogprobPath = FAST_PATH):
     rows, G = batch.tokens.shape[0], cfg.rollout.group_size
@@ -61,7 +64,7 @@ def batch_logprobs(model, batch: TrainBatch, cfg: Config, return_entropy: bool =
     # which would need the prompt lengths as constants).
     shared = cfg.grpo.share_prompt_pass and not cfg.optim.compile and G > 1 and rows % G == 0
     return completion_logprobs(model, batch.tokens, batch.prompt_lengths, batch.mask.shape[1],
-                               chunk_size=cfg.grpo.logprob_chunk_size, return_entropy=return_entropy,
+                               chunk_size=LOGPROB_CHUNK, return_entropy=return_entropy,
                                return_varentropy=return_varentropy, group_size=G if shared else 1, path=path)
 
 

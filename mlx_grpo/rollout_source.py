@@ -65,10 +65,9 @@ class RolloutSource:
         self.cfg, self.model, self.tokenizer, self.scorer, self.world = cfg, model, tokenizer, scorer, world
         d, r = cfg.data, cfg.rollout
         self.levels = difficulty_levels(items)  # for difficulty/*, easiest first
-        self.sampler = (Curriculum(items, cfg.train.seed, d.curriculum_threshold, d.curriculum_window)
+        self.sampler = (Curriculum(items, cfg.train.seed, d.curriculum_threshold)
                         if d.curriculum else PromptSampler(items, seed=cfg.train.seed))
-        self.window = AdaptiveWindow(cfg.train.seed, r.max_new_tokens, r.window_min_tokens, r.window_margin,
-                                     r.window_percentile, r.window_epsilon, r.window_history) if r.adaptive_window else None
+        self.window = AdaptiveWindow(cfg.train.seed, r.max_new_tokens) if r.adaptive_window else None
         self.upcoming: ScoredRollout | None = None
 
     def take(self, step: int) -> ScoredRollout:
@@ -112,22 +111,22 @@ class RolloutSource:
         """Generate G completions per prompt and submit them for scoring (checks in threads, teacher
         requests concurrently). Text is decoded for the rubric only; training uses the sampled ids."""
         samples = self.world.shard(self.sampler.next_batch(self.cfg.rollout.batch_size * self.world.size))
-        # Each step's sampling randomness depends only on (seed, step, rank), so a resumed run draws
-        # exactly what the uninterrupted run drew.
-        mx.random.seed(self.cfg.train.seed * 1_000_003 + step + self.world.rank * 1_000_000_007
-                       + attempt * 10_000_000_019)  # dynamic sampling's further batches of the step
         r = self.cfg.rollout
         budget, explored = self.window.window_for(step) if self.window else (r.max_new_tokens, False)
-        prompts = [build_prompt_tokens(self.tokenizer, s, self.cfg.data.system_prompt or None) for s in samples]
-        sample = dict(group_size=r.group_size, max_new_tokens=budget, eos_token_ids=set(self.tokenizer.eos_token_ids),
-                      temperature=r.temperature, top_p=r.top_p)
-        if self.cfg.grpo.sgrpo:
+        generate = generate_rollout
+        if r.sgrpo:
             rng = random.Random(f"sgrpo:{self.cfg.train.seed}:{step}:{self.world.rank}")  # the exits; resume-exact
-            rollout = serial_group_rollout(self.model, self.tokenizer, prompts, **sample, rng=rng,
-                                           answer_tokens=self.cfg.grpo.sgrpo_answer_tokens)
-        else:
-            rollout = generate_rollout(self.model, prompts, **sample)
-        return self._submit(samples, prompts, rollout, late, explored)
+
+            def generate(model, prompts, **sample):
+                return serial_group_rollout(model, self.tokenizer, prompts, **sample, rng=rng,
+                                            answer_tokens=r.sgrpo_answer_tokens)
+        # Each step's sampling randomness depends only on (seed, step, rank), so a resumed run draws
+        # exactly what the uninterrupted run drew; `attempt` counts dynamic sampling's further batches.
+        seed = self.cfg.train.seed * 1_000_003 + step + self.world.rank * 1_000_000_007 + attempt * 10_000_000_019
+        scored = sample_and_score(self.model, self.tokenizer, self.scorer, samples, seed=seed, group_size=r.group_size,
+                                  max_new_tokens=budget, temperature=r.temperature, top_p=r.top_p,
+                                  system_prompt=self.cfg.data.system_prompt or None, generate=generate)
+        return replace(scored, late=late, explored=explored)
 
     def adapt(self, current: ScoredRollout, seen) -> dict:
         """Learn from a step's results (`seen`: the logger's StepView of every rank's completions);
@@ -140,18 +139,6 @@ class RolloutSource:
             record.update(self.window.observe(current.rollout.max_new_tokens, current.explored, seen.lengths,
                                               seen.correct, seen.scored.valid, seen.scored.rewards))
         return record
-
-    def _submit(self, samples: list[dict], prompts: list[list[int]], rollout: Rollout, late: bool,
-                explored: bool = False) -> ScoredRollout:
-        G, eos_ids = self.cfg.rollout.group_size, set(self.tokenizer.eos_token_ids)
-        texts = [self.tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
-        group_samples = [s for s in samples for _ in range(G)]
-        score_start = time.perf_counter()
-        scoring = self.scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
-        scored_at: list[float] = []
-        scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
-        return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, score_start, scored_at, late,
-                             explored)
 
     def state_dict(self) -> dict:
         """The sampler's cursor (and curriculum level), the window's memory, and a prefetched batch's
@@ -167,8 +154,34 @@ class RolloutSource:
             self.window.load_state_dict(state["window"])
         if state.get("upcoming"):  # sampled before the checkpoint; its scoring is redone
             up = state["upcoming"]
-            self.upcoming = self._submit(up["samples"], up["prompts"], Rollout(**up["rollout"]), late=True,
-                                         explored=up.get("explored", False))
+            scored = submit_scoring(self.scorer, self.tokenizer, up["samples"], up["prompts"], Rollout(**up["rollout"]))
+            self.upcoming = replace(scored, late=True, explored=up.get("explored", False))
+
+
+def sample_and_score(model, tokenizer, scorer: Scorer, samples: list[dict], *, seed: int, group_size: int,
+                     max_new_tokens: int, temperature: float, top_p: float = 1.0, system_prompt: str | None = None,
+                     generate=generate_rollout) -> ScoredRollout:
+    """The one path from prompts to scored completions, for training and evaluation alike: each
+    sample's chat prompt, `group_size` completions of it sampled under mx.random.seed(seed), decoded
+    without their EOS tokens and submitted for scoring (`.scoring` is its Future)."""
+    prompts = [build_prompt_tokens(tokenizer, s, system_prompt) for s in samples]
+    mx.random.seed(seed)
+    rollout = generate(model, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+                       eos_token_ids=set(tokenizer.eos_token_ids), temperature=temperature, top_p=top_p)
+    return submit_scoring(scorer, tokenizer, samples, prompts, rollout)
+
+
+def submit_scoring(scorer: Scorer, tokenizer, samples: list[dict], prompts: list[list[int]],
+                   rollout: Rollout) -> ScoredRollout:
+    """Decode a rollout's completions (its EOS tokens dropped) and submit them, group by group, for scoring."""
+    G, eos_ids = len(rollout.completion_tokens) // len(prompts), set(tokenizer.eos_token_ids)
+    texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in rollout.completion_tokens]
+    group_samples = [s for s in samples for _ in range(G)]
+    score_start = time.perf_counter()
+    scoring = scorer.submit(group_samples, texts, contiguous_groups(len(texts), G))
+    scored_at: list[float] = []
+    scoring.add_done_callback(lambda _: scored_at.append(time.perf_counter()))
+    return ScoredRollout(samples, prompts, rollout, texts, group_samples, scoring, score_start, scored_at)
 
 
 def _merge_groups(drawn: list, chosen: list[tuple[int, int]], G: int) -> ScoredRollout:

@@ -5,9 +5,10 @@ owns that concern:
 
     RolloutSource  (rollout_source.py)   prompts, generation, scoring in the background
     Policy         (policy.py)           model, AdamW, the clipped-surrogate loss, the reference
-    grpo           (grpo.py)             the math: advantages, log-probs, the loss (pure functions)
+    grpo           (grpo.py)             the math: advantages, the loss, KL (pure functions)
+    CorrectRule    (rewards/correct.py)  which completions are correct (reward.correct_*)
     RunLogger      (metrics/run_log.py)  the step's metric record and the run directory's files
-    sgrpo          (sgrpo.py)            S-GRPO's serial group and its decaying rewards (grpo.sgrpo)
+    sgrpo          (sgrpo.py)            S-GRPO's serial group and its decaying rewards (rollout.sgrpo)
     Checkpointer   (checkpoint.py)       saves and restores the state of all of the above
 """
 
@@ -31,12 +32,16 @@ from mlx_grpo.metrics.entropy_dump import EntropyDumper
 from mlx_grpo.metrics.run_log import LOG_FILES, RunLogger, StepOutcome
 from mlx_grpo.policy import COMPILE_BUCKET, Policy
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
+from mlx_grpo.rewards.correct import CorrectRule
 from mlx_grpo.rollout import check_generation, to_train_batch
 from mlx_grpo.rollout_source import RolloutSource
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+MAX_NONFINITE_SKIPS = 5  # updates skipped in a row for a NaN/inf loss or gradient before the run stops
 
 
 @dataclass
@@ -78,7 +83,7 @@ class TrainState:
                f"({self.nonfinite_run} in a row)")
         if self.nonfinite_run >= limit:
             raise TrainingDiverged(
-                f"{self.nonfinite_run} updates in a row had a NaN/inf loss or gradient (train.max_nonfinite_skips); "
+                f"{self.nonfinite_run} updates in a row had a NaN/inf loss or gradient; "
                 "lower optim.learning_rate or check the rubric's rewards")
 
     def state_dict(self) -> dict:
@@ -101,6 +106,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
     rollouts = RolloutSource(cfg, prompts.train, model, tokenizer, scorer, world)
     logger = RunLogger(cfg, run.run_dir, run.hub, scorer, len(prompts.train), world, run.notify, run.progress,
                        levels=rollouts.levels)
+    correct_rule = CorrectRule.from_config(cfg)
     entropy_dumps = EntropyDumper(run.run_dir, cfg.logging.entropy_dump_every, enabled=world.is_main)
     state = TrainState()
     checkpointer = Checkpointer(run.run_dir, policy, {"loop": state, "rollouts": rollouts, "logger": logger,
@@ -142,13 +148,14 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                     groups = contiguous_groups(len(current.texts), cfg.rollout.group_size)
                     audited = scorer.audit(current.group_samples, current.texts, groups)
             scorer.check_failures()  # raises TeacherUnavailable when too many recent scores failed
+            correct = correct_rule.mask(scored, scorer.rubric)  # the step's one verdict per completion
 
             # 4. Advantages, relative within each prompt's group; masked rows get none and no loss.
             # S-GRPO: the group is serial, and its rewards decay with the exit of each correct answer.
             # grpo.overlong_penalty: DAPO's soft punishment of completions near max_new_tokens;
             # grpo.reward_aggregation: the criteria summed before or after their normalisation.
             with timer.time("adv"):
-                advantages = step_advantages(cfg, scored, current.rollout, logger.correct(scored) if cfg.grpo.sgrpo else None)
+                advantages = step_advantages(cfg, scored, current.rollout, correct if cfg.rollout.sgrpo else None)
                 batch = batch if scored.valid.all() else batch.keep_rows(scored.valid)
                 # Ranks agree: any signal anywhere means every rank joins the update.
                 has_signal = world.any((cfg.grpo.beta > 0 and scored.valid.any()) or mx.any(advantages != 0).item())
@@ -166,7 +173,7 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
                 gap = current.sampler_gap if current.late else {k: stats.pop(k) for k in list(stats)
                                                                 if k.startswith("training/rollout_")}
             timer.peak("update")
-            state.count_nonfinite(step, stats, cfg.train.max_nonfinite_skips, run.notify)
+            state.count_nonfinite(step, stats, MAX_NONFINITE_SKIPS, run.notify)
 
             # 6. Held-out evaluation, every cfg.eval.every steps and at the end.
             eval_record = held_out_record(cfg, step, model, tokenizer, prompts.held_out, scorer, timer, world)
@@ -183,9 +190,10 @@ def train(cfg: Config, model, tokenizer, prompts: Prompts, scorer: Scorer, run: 
             # 8. Log one record of the whole global batch (every rank's completions are gathered),
             # once the curriculum and the generation window have learnt from it for the next steps.
             outcome = StepOutcome(
-                step, current.group_samples, current.prompts, current.rollout, current.texts, scored,
-                np.array(advantages), stats, has_signal, batch.num_tokens, policy.learning_rate, timer,
-                current.scoring_time, eval_record, state.nonfinite_skips)
+                step=step, samples=current.group_samples, prompts=current.prompts, rollout=current.rollout,
+                texts=current.texts, scored=scored, correct=correct, advantages=np.array(advantages), stats=stats,
+                updated=has_signal, trained_tokens=batch.num_tokens, learning_rate=policy.learning_rate, timer=timer,
+                reward_seconds=current.scoring_time, eval_record=eval_record, nonfinite_skips=state.nonfinite_skips)
             seen = logger.gather(outcome)
             adapted = rollouts.adapt(current, seen)
             logger.log_step(outcome, seen, last=run_complete, extra={**adapted, **audited, **gap, **run.logged_with_every_step})
@@ -233,7 +241,7 @@ def seed_everything(seed: int) -> None:
     mx.random.seed(seed)
 
 
-def step_advantages(cfg: Config, scored, rollout, correct) -> mx.array:
+def step_advantages(cfg: Config, scored, rollout, correct: np.ndarray | None) -> mx.array:
     """The step's (N,) advantages from its scores: the weighted reward (plus grpo.overlong_penalty)
     relative within each group; S-GRPO's exit-order rewards (`correct` given) without the std;
     or, with grpo.reward_aggregation normalize_then_sum, each criterion normalised before the sum."""

@@ -118,10 +118,10 @@ def bench_config(s: dict, run_dir: Path | None = None):
 
 def bench_items(cfg) -> list[dict]:
     """The training prompts, built exactly as `train` builds them."""
-    from mlx_grpo.data import task_options, load_dataset
+    from mlx_grpo.data import load_dataset
 
     return load_dataset(cfg.data.dataset, split="train", seed=cfg.train.seed, size=cfg.data.train_size,
-                        on_bad_line=cfg.data.on_bad_line, **task_options(cfg.data))
+                        **cfg.task)
 
 
 class StepClock:

@@ -53,11 +53,12 @@ def level_items(task: str, options: dict, n: int, seed: int) -> list[dict]:
 def measure(model, tokenizer, task, label, options, rubric_path, max_new_tokens, args) -> dict:
     from mlx_grpo.evaluate import best_hack_acc, evaluate, hack_baselines
     from mlx_grpo.rewards import Scorer, load_rubric
+    from mlx_grpo.rewards.correct import CorrectRule
 
     items = level_items(task, options, args.num_prompts, args.seed)
     rubric = load_rubric(ROOT / rubric_path)
     scorer = Scorer(rubric)
-    common = dict(max_new_tokens=max_new_tokens, seed=args.seed, correct_criterion=rubric.correct,
+    common = dict(max_new_tokens=max_new_tokens, seed=args.seed, correct=CorrectRule(rubric.correct),
                   chunk_rows=args.chunk_rows)
     try:
         def progress(what):

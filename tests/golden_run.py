@@ -36,7 +36,7 @@ criteria:
 """
 COMMON = {"train.steps": 4, "rollout.batch_size": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 8,
           "rollout.temperature": 1.0, "optim.learning_rate": 1e-2, "optim.warmup_steps": 1, "lora.rank": 4,
-          "train.save_every": 2, "logging.sample_every": 1, "logging.performance_every": 1,
+          "train.save_every": 2, "logging.sample_every": 1,
           "logging.histogram_every": 2, "data.epoch_size": 6,
           "optim.bias_correction": False}  # pinned: the record predates the default's change
 VARIANTS = {

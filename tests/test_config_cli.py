@@ -19,6 +19,11 @@ def test_defaults_match_the_demo_config():
     assert load_config(REPO / "configs" / "default.yaml") == Config()
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(path)
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("grpo:\n  beta: 0.1\ntrain:\n  steps: 7\nrubric: r.yaml\n")

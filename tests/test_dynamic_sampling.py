@@ -10,7 +10,7 @@ import pytest
 import test_seed_capabilities as capabilities
 from conftest import make_tiny_model
 from dp_worker import ByteTokenizer, byte_score
-from mlx_grpo.config import Config, load_config, validate
+from mlx_grpo.config import Config, load_config
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.grpo import zero_std_groups
 from mlx_grpo.rewards import Scorer, load_rubric
@@ -88,7 +88,7 @@ def test_refused_with_the_pipeline():
     cfg = Config()
     cfg.rollout.dynamic_sampling = cfg.rollout.pipeline = True
     with pytest.raises(UserInputError, match="rollout.dynamic_sampling does not go with rollout.pipeline"):
-        validate(cfg)
+        cfg.validate()
 
 
 def test_merging_groups_keeps_every_per_completion_field():

@@ -219,7 +219,7 @@ def test_training_logs_held_out_eval(tiny_run, tmp_path, monkeypatch):
     code = train_main(["--model", str(model_dir), "--train.steps", "2", "--rollout.group_size", "2",
                        "--rollout.max_new_tokens", "6", "--eval.every", "1", "--eval.num_prompts", "3",
                        "--eval.samples", "2", "--eval.temperature", "1.0", "--train.output_dir", str(tmp_path),
-                       "--run-name", "r", "--logging.wandb", "on", "--logging.wandb_mode", "offline"])
+                       "--run-name", "r", "--logging.wandb", "offline"])
     assert code == 0
     history = read_offline_run(tmp_path / "runs" / "r")["history"]
     assert [row["eval/pass_at_2"] for row in history if "eval/pass_at_2" in row] == [

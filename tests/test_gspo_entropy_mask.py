@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_grpo import grpo
-from mlx_grpo.config import Config, validate
+from mlx_grpo.config import Config
 from mlx_grpo.errors import UserInputError
 
 RNG = np.random.default_rng(7)
@@ -89,7 +89,7 @@ def test_gspo_refuses_dr_grpo_in_one_line():
     cfg = Config()
     cfg.grpo.importance_sampling_level, cfg.grpo.loss_type = "sequence", "dr_grpo"
     with pytest.raises(UserInputError, match="grpo.importance_sampling_level sequence .GSPO. is length-normalised"):
-        validate(cfg)
+        cfg.validate()
 
 
 def test_top_entropy_mask_keeps_the_top_fraction_by_hand():
@@ -123,7 +123,7 @@ def test_top_entropy_quantile_is_validated():
     cfg = Config()
     cfg.grpo.top_entropy_quantile = 0.0
     with pytest.raises(UserInputError, match=r"grpo.top_entropy_quantile must be in \(0, 1\]"):
-        validate(cfg)
+        cfg.validate()
 
 
 def test_both_options_train_through_the_trainer(tmp_path, monkeypatch):

@@ -46,8 +46,10 @@ def test_deterministic_and_disjoint_splits():
 
 
 def test_load_dataset_passes_the_level_and_rejects_bad_ones():
-    items = load_dataset("largest", split="test", seed=0, size=20, list_size=4, max_value=50, max_ops=2)
+    items = load_dataset("largest", split="test", seed=0, size=20, list_size=4, max_value=50)
     assert items == largest_dataset("test", 20, seed=0, list_size=4, max_value=50)
+    with pytest.raises(UserInputError, match="task.max_ops is not an option of the largest task"):
+        load_dataset("largest", split="test", seed=0, size=20, max_ops=2)  # another task's option
     with pytest.raises(UserInputError, match="list_size"):
         largest_dataset("train", 5, seed=0, list_size=10, max_value=5)
     with pytest.raises(UserInputError, match="could not make"):

@@ -34,7 +34,7 @@ def train_cmd(out: Path, rubric: Path, *extra: str) -> list[str]:
             "--train.output_dir", str(out), "--rubric", str(rubric), "--rollout.batch_size", "1",
             "--rollout.group_size", "3", "--rollout.max_new_tokens", "12", "--train.save_every", "1",
             "--train.keep_checkpoints", "2", "--optim.warmup_steps", "0", "--optim.learning_rate", "1e-3",
-            "--logging.sample_every", "1", "--logging.performance_every", "1", "--no-wandb", *extra]
+            "--logging.sample_every", "1", "--no-wandb", *extra]
 
 
 def outputs(out: Path) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_grpo import grpo
-from mlx_grpo.config import Config, validate
+from mlx_grpo.config import Config
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.rewards import load_rubric, score_completions
 
@@ -65,13 +65,15 @@ def test_on_the_math_rubric_a_low_spread_answer_is_no_longer_drowned():
 
 
 def test_refused_where_it_does_not_apply():
-    for key, value, fragment in [("sgrpo", True, "does not go with grpo.sgrpo"),
-                                 ("overlong_penalty", 0.5, "does not go with grpo.overlong_penalty")]:
+    for section, key, value, fragment in [
+            ("rollout", "sgrpo", True, "does not go with rollout.sgrpo"),
+            ("grpo", "overlong_penalty", 0.5, "does not go with grpo.overlong_penalty"),
+            ("grpo", "scale_rewards", "none", "grpo.scale_rewards does not apply")]:
         cfg = Config()
         cfg.grpo.reward_aggregation = "normalize_then_sum"
-        setattr(cfg.grpo, key, value)
+        setattr(getattr(cfg, section), key, value)
         with pytest.raises(UserInputError, match=fragment):
-            validate(cfg)
+            cfg.validate()
 
 
 def test_it_trains_through_the_trainer(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ window, S-GRPO's serial group, per-token entropy dumps, and the plain critic/ an
 Unit tests check the math against hand-computed cases; short seeded runs on the tiny model
 (through trainer.train, as the golden run) check the wiring, resume and the files."""
 
+import functools
 import json
 import random
 import sys
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import make_tiny_model  # noqa: E402
 from dp_worker import ByteTokenizer, byte_score  # noqa: E402
-from mlx_grpo import grpo, sgrpo, trainer  # noqa: E402
+from mlx_grpo import grpo, rollout_source, sgrpo, trainer  # noqa: E402
 from mlx_grpo.adaptive_window import AdaptiveWindow, window_from_lengths  # noqa: E402
 from mlx_grpo.config import load_config  # noqa: E402
 from mlx_grpo.curriculum import Curriculum, difficulty_levels, difficulty_metrics, level_indices  # noqa: E402
@@ -38,7 +39,7 @@ criteria:
 # "Correct" = a byte score of at least 0.5: about half the tiny model's completions.
 COMMON = {"rollout.batch_size": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 12, "optim.learning_rate": 1e-2,
           "optim.warmup_steps": 0, "lora.rank": 4, "train.save_every": 0, "logging.sample_every": 0,
-          "logging.correct_criterion": "Bytes", "logging.correct_threshold": 0.5}
+          "reward.correct_criterion": "Bytes", "reward.correct_threshold": 0.5}
 
 
 def make_items(n: int, levels=(1, 2)) -> list[dict]:
@@ -173,8 +174,13 @@ def test_per_level_accuracy_is_recomputed_from_reward_breakdown(tmp_path, monkey
 
 def test_curriculum_run_draws_the_easy_level_until_it_moves_up(tmp_path, monkeypatch):
     items = make_items(40)
-    records = tiny_run(tmp_path / "c", {"train.steps": 5, "data.curriculum": True, "data.curriculum_threshold": 0.0,
-                                        "data.curriculum_window": 8}, items, monkeypatch=monkeypatch)
+    class EightWide(Curriculum):  # a level's accuracy over its last 8 completions (64 in training)
+        def __init__(self, *args):
+            super().__init__(*args, window=8)
+
+    monkeypatch.setattr(rollout_source, "Curriculum", EightWide)
+    records = tiny_run(tmp_path / "c", {"train.steps": 5, "data.curriculum": True, "data.curriculum_threshold": 0.0},
+                       items, monkeypatch=monkeypatch)
     level_index = [r["curriculum/level_index"] for r in records]
     assert level_index[0] == 0 and level_index[-1] == 1  # 8 level-1 completions fill the window at step 1
     assert records[0]["difficulty/1_count"] == 8 and "difficulty/2_count" not in records[0]
@@ -226,9 +232,10 @@ def test_window_follows_a_synthetic_stream_of_successes():
 
 
 def test_adaptive_window_resume_across_a_window_change_is_exact(tmp_path, monkeypatch):
-    options = {"train.steps": 6, "rollout.max_new_tokens": 16, "rollout.adaptive_window": True,
-               "rollout.window_min_tokens": 2, "rollout.window_margin": 0, "rollout.window_epsilon": 0.3,
-               "rollout.window_percentile": 10.0, "train.save_every": 1}
+    options = {"train.steps": 6, "rollout.max_new_tokens": 16, "rollout.adaptive_window": True, "train.save_every": 1}
+    # A window that moves more than the one in training, so that it changes after the resume point.
+    monkeypatch.setattr(rollout_source, "AdaptiveWindow", functools.partial(
+        AdaptiveWindow, min_tokens=2, margin=0, epsilon=0.3, percentile=10.0))
     items = make_items(24)
     straight = tiny_run(tmp_path / "a", options, items, monkeypatch=monkeypatch)
     windows = [r["adaptive_window/current_window"] for r in straight]
@@ -314,7 +321,7 @@ def test_sgrpo_metrics_by_hand():
 
 
 def test_sgrpo_training_run(tmp_path, monkeypatch):
-    records = tiny_run(tmp_path / "s", {"train.steps": 3, "grpo.sgrpo": True, "grpo.sgrpo_answer_tokens": 4},
+    records = tiny_run(tmp_path / "s", {"train.steps": 3, "rollout.sgrpo": True, "rollout.sgrpo_answer_tokens": 4},
                        make_items(12), monkeypatch=monkeypatch)
     for record in records:
         assert {f"sgrpo/exit_{k}_accuracy" for k in range(1, 5)} <= set(record)

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mlx_grpo import rollout_source
 from mlx_grpo.cli import train_main
+from mlx_grpo.curriculum import Curriculum
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ROOT / "tests" / "data" / "seed_metric_names.txt"
@@ -104,16 +106,23 @@ def expand_braces(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("coverage") / "logs"
-    code = train_main([
-        "--train.steps", "4", "--run-name", "cov", "--train.output_dir", str(out), "--no-wandb",
-        "--rollout.batch_size", "2", "--rollout.group_size", "4", "--rollout.max_new_tokens", "12",
-        "--data.min_list_size", "3", "--data.list_size", "4", "--data.curriculum", "true",
-        "--data.curriculum_threshold", "0", "--data.curriculum_window", "4", "--data.epoch_size", "4",
-        "--rollout.adaptive_window", "true", "--grpo.sgrpo", "true", "--grpo.sgrpo_answer_tokens", "6",
-        "--logging.entropy_dump_every", "2", "--grpo.beta", "0.04", "--eval.every", "2", "--eval.num_prompts", "4",
-        "--logging.histogram_every", "2", "--logging.performance_every", "1", "--logging.sample_every", "1",
-        "--optim.warmup_steps", "0",
-    ])
+
+    class FourWide(Curriculum):  # the next level unlocks after 4 completions (64 in training), within 4 steps
+        def __init__(self, *args):
+            super().__init__(*args, window=4)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rollout_source, "Curriculum", FourWide)
+        code = train_main([
+            "--train.steps", "4", "--run-name", "cov", "--train.output_dir", str(out), "--no-wandb",
+            "--rollout.batch_size", "2", "--rollout.group_size", "4", "--rollout.max_new_tokens", "12",
+            "--task.min_list_size", "3", "--task.list_size", "4", "--data.curriculum", "true",
+            "--data.curriculum_threshold", "0", "--data.epoch_size", "4",
+            "--rollout.adaptive_window", "true", "--rollout.sgrpo", "true", "--rollout.sgrpo_answer_tokens", "6",
+            "--logging.entropy_dump_every", "2", "--grpo.beta", "0.04", "--eval.every", "2", "--eval.num_prompts", "4",
+            "--logging.histogram_every", "2", "--logging.sample_every", "1",
+            "--optim.warmup_steps", "0",
+        ])
     assert code == 0
     events = EventAccumulator(str(out / "tensorboard" / "cov"), size_guidance={"scalars": 0, "histograms": 0,
                                                                                "tensors": 0})

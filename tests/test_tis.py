@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_grpo import grpo
-from mlx_grpo.config import Config, validate
+from mlx_grpo.config import Config
 from mlx_grpo.errors import UserInputError
 
 MASK = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.float32)
@@ -42,7 +42,7 @@ def test_tis_cap_is_validated():
     cfg = Config()
     cfg.grpo.tis_cap = 0.5
     with pytest.raises(UserInputError, match="grpo.tis_cap must be 0 .off. or at least 1"):
-        validate(cfg)
+        cfg.validate()
 
 
 def test_a_pipelined_run_logs_the_weights(tmp_path, monkeypatch):

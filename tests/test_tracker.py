@@ -9,6 +9,7 @@ import pytest
 from mlx_grpo.config import load_config
 from mlx_grpo.metrics.tracker import EpochStats, MetricsTracker, pass_rates, speed_stats
 from mlx_grpo.metrics.wandb_sink import run_config, wandb_enabled
+from mlx_grpo.rewards.correct import CorrectRule
 from mlx_grpo.rewards.scoring import RewardBatch
 
 
@@ -59,14 +60,14 @@ def batch(scores, valid=None):
 
 
 def test_reward_tags_recent_means_histograms_and_final_summary():
-    tracker = MetricsTracker(rubric_name="r", group_size=2, prompts_per_epoch=100, histogram_every=2,
-                             correct_criterion="A", correct_threshold=1.0)
+    tracker = MetricsTracker(rubric_name="r", group_size=2, prompts_per_epoch=100, histogram_every=2)
     steps = [batch({"A": [1, 0, 1, 1], "B": [0.5, 0.5, 0.0, 1.0]}),
              batch({"A": [0, 0, 1, 0], "B": [0.2, 0.4, 0.6, 0.8]}, valid=[1, 1, 1, 0]),
              batch({"A": [1, 1, 1, 1], "B": [1.0, 1.0, 1.0, 1.0]})]
     out = []
     for step, scored in enumerate(steps, start=1):
-        out.append(tracker.update(step, {"Train/Loss": 0.1}, scored, 2, 50.0 + step, None,
+        correct = CorrectRule("A", 1.0).mask(scored, rubric=None)
+        out.append(tracker.update(step, {"Train/Loss": 0.1}, scored, 2, 50.0 + step, None, correct,
                                   np.zeros(4, dtype=bool), np.full(4, 10)))
     one, two, three = out
     assert one["rewards/A_mean"] == 0.75 and one["rewards/A_max"] == 1.0 and one["rewards/A_min"] == 0.0
@@ -117,7 +118,7 @@ def test_the_tracker_state_is_bounded(tmp_path):
     for step in range(1, 5001):
         scored = batch({"A": rng.random(8), "B": rng.random(8)})
         tracker.update(step, {"Train/Loss": 0.1}, scored, 2, 50.0 + rng.random(), 20.0 + rng.random(),
-                       np.zeros(8, dtype=bool), np.full(8, 10))
+                       np.zeros(8, dtype=bool), np.zeros(8, dtype=bool), np.full(8, 10))
         if step in (100, 1100, 5000):
             sizes[step] = len(json.dumps(tracker.state_dict()))
     assert sizes[5000] < 1.2 * sizes[1100]  # past the speed window, nothing grows
@@ -130,8 +131,9 @@ def test_the_tracker_state_is_bounded(tmp_path):
 def test_histogram_appears_once_ten_samples_exist():
     tracker = MetricsTracker(rubric_name="r", group_size=4, prompts_per_epoch=100, histogram_every=2)
     scored = batch({"A": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]})
-    tracker.update(1, {}, scored, 1, 1.0, 1.0, np.zeros(6, dtype=bool), np.ones(6))
-    second = tracker.update(2, {}, scored, 1, 1.0, 1.0, np.zeros(6, dtype=bool), np.ones(6))
+    none = np.zeros(6, dtype=bool)
+    tracker.update(1, {}, scored, 1, 1.0, 1.0, none, none, np.ones(6))
+    second = tracker.update(2, {}, scored, 1, 1.0, 1.0, none, none, np.ones(6))
     assert second["rewards/A_hist"].shape == (12,) and second["rewards/rubric_hist"].shape == (12,)
 
 
@@ -143,7 +145,7 @@ def test_wandb_turns_on_with_a_key_or_a_mode(monkeypatch):
     assert wandb_enabled(load_config(None))
     assert not wandb_enabled(load_config(None, {"logging.wandb": "off"}))  # --no-wandb
     monkeypatch.delenv("WANDB_API_KEY")
-    assert wandb_enabled(load_config(None, {"logging.wandb_mode": "offline"}))
+    assert wandb_enabled(load_config(None, {"logging.wandb": "offline"}))
     assert wandb_enabled(load_config(None, {"logging.wandb": True}))  # YAML true means on
     config = run_config(load_config(None))
     assert config["num_generations"] == 8 and config["use_lora"] is True and "mlx_grpo" in config

@@ -46,7 +46,7 @@ def test_two_steps_train_and_log(tmp_path: Path, capsys):
         "--train.steps", "2", "--run-name", "it", "--train.output_dir", str(out), "--rubric", str(rubric),
         "--rollout.batch_size", "1", "--rollout.group_size", "4", "--rollout.max_new_tokens", "24",
         "--train.save_every", "1", "--logging.sample_every", "1", "--optim.warmup_steps", "0",
-        "--optim.learning_rate", "1e-3", "--no-wandb", "--logging.performance_every", "1",
+        "--optim.learning_rate", "1e-3", "--no-wandb", 
     ])
     assert code == 0
     run_dir = out / "runs" / "it"

@@ -6,7 +6,6 @@ response_length/*, completion/*, timing_s/* (the TinyZero-style groups).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -118,18 +117,6 @@ def alias_metrics(record: dict) -> dict[str, float]:
             out[f"rewards/{name}/mean"] = value
             out[f"rewards/{name}/std"] = record[f"Scoring/{name}_std"]
     return out
-
-
-def correctness_criterion(configured: str, rubric) -> str:
-    """The criterion that decides "correct": the configured one, else the rubric's `correct:` ("" = the reward)."""
-    return configured or rubric.correct
-
-
-def correct_mask(scored, criterion: str, threshold: float) -> np.ndarray:
-    """Which completions count as correct: `criterion`'s score (the total reward when criterion is
-    empty, or no longer in the rubric after an edit) is at least `threshold`; unscored ones are not."""
-    values = scored.criterion_scores.get(criterion, scored.rewards) if criterion else scored.rewards
-    return np.nan_to_num(values, nan=-math.inf) >= threshold
 
 
 def correctness_metrics(correct: np.ndarray, truncated: np.ndarray, lengths: np.ndarray) -> dict[str, float]:

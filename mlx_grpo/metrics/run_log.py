@@ -25,7 +25,7 @@ from mlx_grpo.curriculum import difficulty_metrics, level_indices
 from mlx_grpo.distributed import World
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.health import HealthConfig, HealthMonitor
-from mlx_grpo.metrics.record import (alias_metrics, correctness_criterion, critic_metrics,
+from mlx_grpo.metrics.record import (alias_metrics, critic_metrics,
                                      criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
                                      timing_per_token)
 from mlx_grpo.metrics.system import SystemSampler
@@ -77,15 +77,17 @@ class PhaseTimer:
         return time.perf_counter() - self.start
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepOutcome:
-    """What one step produced, on this rank: the record of the step is made of it."""
+    """What one step produced, on this rank: the record of the step is made of it. Built with
+    keywords only, so that no two of its fields can be swapped unseen."""
     step: int
     samples: list[dict]         # one per completion (the group's prompt repeated)
     prompts: list[list[int]]    # prompt ids, one per prompt
     rollout: Rollout
     texts: list[str]
     scored: RewardBatch
+    correct: np.ndarray         # bool, one per completion: the step's CorrectRule verdicts
     advantages: np.ndarray
     stats: dict                 # the update's statistics; stats["skipped"]: no optimizer step was taken
     updated: bool               # False: no group had a signal, the update was skipped
@@ -110,9 +112,7 @@ class RunLogger:
         self.prompts_per_epoch = cfg.data.epoch_size or num_items
         self.tracker = MetricsTracker(
             rubric_name=scorer.rubric.name, group_size=cfg.rollout.group_size, prompts_per_epoch=self.prompts_per_epoch,
-            histogram_every=cfg.logging.histogram_every,
-            correct_criterion=correctness_criterion(cfg.logging.correct_criterion, scorer.rubric),
-            correct_threshold=cfg.logging.correct_threshold)
+            histogram_every=cfg.logging.histogram_every)
         # Judged over several steps: with one prompt per step a single step says little.
         self.health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10,
                                                  warmup_steps=cfg.optim.warmup_steps),
@@ -120,7 +120,7 @@ class RunLogger:
         self.rewards: list[float] = []  # mean reward per step, for the summary
         self.elapsed_before = 0.0  # of the run before a resume
         self.start_time = time.perf_counter()
-        self.system = SystemSampler(cfg.logging.system_interval_s)
+        self.system = SystemSampler()  # every second
         self.completions = self._open("completions.jsonl")
         self.breakdown = self._open("reward_breakdown.jsonl")
         self._usage_before = scorer.usage
@@ -139,14 +139,9 @@ class RunLogger:
         return PhaseTimer()
 
     def gather(self, out: StepOutcome) -> "StepView":
-        """The step's completions over every rank, with which are correct (the pass@1 rule)."""
-        seen = gather_step(self.world, out.scored, out.rollout, out.prompts, out.advantages,
+        """The step's completions over every rank."""
+        return gather_step(self.world, out.scored, out.correct, out.rollout, out.prompts, out.advantages,
                            level_indices(out.samples, self.levels))
-        seen.correct = self.correct(seen.scored)
-        return seen
-
-    def correct(self, scored: RewardBatch) -> np.ndarray:
-        return self.tracker.correct(scored)
 
     def log_step(self, out: StepOutcome, seen: "StepView", last: bool, extra: dict | None = None) -> dict:
         """The step's record, logged to every sink; its completions written to the run directory.
@@ -161,7 +156,7 @@ class RunLogger:
         record = step_record(cfg, out.stats, seen, self.scorer, out.learning_rate, out.rollout.max_new_tokens)
         record["objective/logprobs"] = logprob_sum / max(sampled_tokens, 1)  # of the sampled tokens, when sampled
         record.update(difficulty_metrics(self.levels, seen.levels, seen.correct, seen.scored.valid))
-        if cfg.grpo.sgrpo:
+        if cfg.rollout.sgrpo:
             record.update(sgrpo_metrics(seen.correct, seen.scored.valid, cfg.rollout.group_size))
         record.update(out.eval_record)
         record.update(extra or {})
@@ -175,13 +170,13 @@ class RunLogger:
         if out.scored.gaming:  # scored with a teacher: completions that address the grader
             flagged, n = self.world.sum([float(sum(g is not None for g in out.scored.gaming)), float(len(out.texts))])
             record["Teacher/SuspectedGamingFrac"] = flagged / max(n, 1.0)
-        if out.step % cfg.logging.performance_every == 0 or out.step == 1:  # "every N batches", as in the seed
-            record["Performance/Generation_TokensPerSec"] = gen_speed
-            record["Performance/Generation_Time"] = out.rollout.generation_time_s
+        record["Performance/Generation_TokensPerSec"] = gen_speed
+        record["Performance/Generation_Time"] = out.rollout.generation_time_s
         if out.updated:  # a skipped update measured no backprop speed
             record["Performance/Backprop_TokensPerSec"] = backprop_speed
         record.update(self.tracker.update(out.step, record, seen.scored, self.prompts_per_step, gen_speed,
-                                          backprop_speed if out.updated else None, seen.truncated, seen.lengths))
+                                          backprop_speed if out.updated else None, seen.correct, seen.truncated,
+                                          seen.lengths))
         record.update(alias_metrics(record))
         if out.step % cfg.logging.histogram_every == 0:  # TRL PPO's distributions (arrays become histograms)
             record["env/reward_dist"] = seen.scored.rewards[seen.scored.valid].astype(np.float32)
@@ -310,24 +305,24 @@ class StepView:
     prompt_lengths: list[int]
     advantages: np.ndarray
     levels: np.ndarray  # each completion's difficulty level, an index into the dataset's levels (-1: none)
-    correct: np.ndarray | None = None  # by the pass@1 rule (RunLogger.gather fills it in)
+    correct: np.ndarray  # bool: the CorrectRule's verdicts
 
 
-def gather_step(world: World, scored: RewardBatch, rollout: Rollout, prompts: list[list[int]],
+def gather_step(world: World, scored: RewardBatch, correct: np.ndarray, rollout: Rollout, prompts: list[list[int]],
                 advantages: np.ndarray, levels: np.ndarray) -> StepView:
     """This rank's completions, or with several ranks all of them (rank 0's first). `levels`: the
     difficulty level index of each prompt's sample, one per completion."""
     names = sorted(scored.criterion_scores)
     columns = world.gather(np.stack([scored.rewards, scored.valid, *(scored.criterion_scores[n] for n in names),
                                      rollout.completion_lengths, rollout.truncated,
-                                     advantages, levels], axis=1).astype(np.float32))
-    rewards, valid, *criteria, lengths, truncated, adv, level = columns.T
+                                     advantages, levels, correct], axis=1).astype(np.float32))
+    rewards, valid, *criteria, lengths, truncated, adv, level, is_correct = columns.T
     gathered = RewardBatch(rewards=rewards, criterion_scores=dict(zip(names, criteria)), valid=valid.astype(bool),
                            justifications=scored.justifications)
     prompt_lengths = world.gather(np.array([len(p) for p in prompts], dtype=np.float32)).astype(int).tolist()
     truncated = truncated.astype(bool)
     return StepView(gathered, lengths.astype(int), truncated, ["length" if t else "stop" for t in truncated],
-                    prompt_lengths, adv, level.astype(np.int64))
+                    prompt_lengths, adv, level.astype(np.int64), is_correct.astype(bool))
 
 
 def timing_records(phases: dict[str, float], step_s: float, response_tokens: int, trained_tokens: int) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mlx_grpo.metrics.record import correct_mask, correctness_metrics
+from mlx_grpo.metrics.record import correctness_metrics
 
 RECENT = 10  # samples in rewards/*_recent_mean, and the minimum before a histogram is logged
 # Steps whose speeds the percentiles cover: the state a checkpoint saves stays the same size however
@@ -128,12 +128,10 @@ class MetricsTracker:
     """Turns each step's record and scores into the cross-step tags above."""
 
     def __init__(self, *, rubric_name: str, group_size: int, prompts_per_epoch: int,
-                 histogram_every: int = 10, correct_criterion: str = "", correct_threshold: float = 1.0):
+                 histogram_every: int = 10):
         self.rubric_name = rubric_name
         self.group_size = group_size
         self.histogram_every = histogram_every
-        self.correct_criterion = correct_criterion
-        self.correct_threshold = correct_threshold
         self.epochs = EpochStats(prompts_per_epoch)
         self.speeds = {"Generation": deque(maxlen=SPEED_WINDOW), "Backprop": deque(maxlen=SPEED_WINDOW)}
         self.recent: dict[str, deque] = {}
@@ -142,10 +140,10 @@ class MetricsTracker:
         self.cumulative_reward = 0.0  # every scored completion's reward so far (train/cumulative_reward)
 
     def update(self, step: int, record: dict, scored, num_prompts: int, gen_speed: float,
-               backprop_speed: float | None, truncated: np.ndarray, lengths: np.ndarray) -> dict:
+               backprop_speed: float | None, correct: np.ndarray, truncated: np.ndarray, lengths: np.ndarray) -> dict:
         """Extra tags for this step. `record` holds the step's own metrics; `scored` is its RewardBatch;
-        the speeds are tokens/s (backprop None when the update was skipped); `truncated` and
-        `lengths` are per completion."""
+        the speeds are tokens/s (backprop None when the update was skipped); `correct` (the trainer's
+        verdicts), `truncated` and `lengths` are per completion."""
         extra: dict = {"train/step": float(step)}
         for name, speed in (("Generation", gen_speed), ("Backprop", backprop_speed)):
             if speed is not None:
@@ -162,7 +160,6 @@ class MetricsTracker:
         self.cumulative_reward += float(rewards.sum())
         extra["train/cumulative_reward"] = self.cumulative_reward
 
-        correct = self.correct(scored)
         extra.update(pass_rates(correct, valid, self.group_size))
         extra.update(correctness_metrics(correct[valid], truncated[valid], lengths[valid]))
 
@@ -171,10 +168,6 @@ class MetricsTracker:
         if epoch:
             extra.update(epoch)
         return extra
-
-    def correct(self, scored) -> np.ndarray:
-        """Which completions of a RewardBatch are correct, by the run's pass@1 rule."""
-        return correct_mask(scored, self.correct_criterion, self.correct_threshold)
 
     def _reward_tags(self, step: int, columns: dict[str, np.ndarray], rewards: np.ndarray) -> dict:
         tags: dict = {}

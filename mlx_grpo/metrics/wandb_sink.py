@@ -1,8 +1,8 @@
 """Weights & Biases mirror of every metric, plus the W&B guide's rubric table and final summary.
 
-It is on when WANDB_API_KEY is set or a W&B mode is chosen (`logging.wandb_mode`, or WANDB_MODE in
-the environment), unless `--no-wandb`; `logging.wandb: on|off` forces it. WANDB_MODE=offline logs
-to the run directory without an account. The API key is read by wandb from the environment only:
+`logging.wandb`: auto (on when WANDB_API_KEY or WANDB_MODE is in the environment), on (in W&B's own
+mode, WANDB_MODE's when set), offline (into the run directory, no account needed) or off
+(also `--no-wandb`). The API key is read by wandb from the environment only:
 it is never in the run config.
 """
 
@@ -22,8 +22,8 @@ SUMMARY_COLUMNS = ["criterion", "mean", "std", "min", "max", "samples"]
 
 def wandb_enabled(cfg: Config) -> bool:
     if cfg.logging.wandb != "auto":
-        return cfg.logging.wandb == "on"
-    return bool(os.environ.get("WANDB_API_KEY") or cfg.logging.wandb_mode or os.environ.get("WANDB_MODE"))
+        return cfg.logging.wandb != "off"
+    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
 def run_config(cfg: Config) -> dict:
@@ -60,9 +60,9 @@ class WandbSink:
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
+        mode = "offline" if cfg.logging.wandb == "offline" else None  # None: W&B's own (WANDB_MODE, else online)
         self.run = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
-                              config=run_config(cfg), mode=cfg.logging.wandb_mode or None, id=run_id,
-                              resume="allow")
+                              config=run_config(cfg), mode=mode, id=run_id, resume="allow")
         where = self.run.url or f"offline, in {Path(self.run.dir).parent}"
         announce(f"W&B initialized: {where}")
 

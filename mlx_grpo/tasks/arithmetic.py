@@ -122,7 +122,7 @@ def _make_problem(rng: random.Random, max_ops: int, max_operand: int, instructio
     }
 
 
-def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 3, max_operand: int = 20,
+def arithmetic_dataset(split: str, size: int, seed: int, max_ops: int = 1, max_operand: int = 20,
                        instruction: str = "") -> list[dict]:
     """`size` distinct arithmetic word problems of the given split ("train" or "test").
 
