@@ -385,8 +385,8 @@ def progress_display(bar, cfg: Config, console):
 
 def final_report(state, scorer, run_dir: Path, console) -> None:
     """Why the run stopped, what the teacher cost, the criteria table, and where the adapters are."""
-    rewards = state.rewards
-    k = min(5, len(rewards))
+    first, last = state.reward_ends.first, state.reward_ends.last
+    k = len(first)
     if state.stop_reason:
         console.print(f"Stopped early: {state.stop_reason}. Resume with: uv run train --resume {run_dir}",
                       soft_wrap=True)
@@ -397,9 +397,8 @@ def final_report(state, scorer, run_dir: Path, console) -> None:
                       f"hits, {usage.failed} completions masked.", soft_wrap=True)
     if state.summary:
         console.print(summary_table(state.summary))
-    console.print(f"Done: {state.step} steps. Mean reward first {k}: {sum(rewards[:k]) / k:.3f}, "
-                  f"last {k}: {sum(rewards[-k:]) / k:.3f}. Adapters: {run_dir / 'adapters.safetensors'}",
-                  soft_wrap=True)
+    means = f" Mean reward first {k}: {sum(first) / k:.3f}, last {k}: {sum(last) / k:.3f}." if k else ""
+    console.print(f"Done: {state.step} steps.{means} Adapters: {run_dir / 'adapters.safetensors'}", soft_wrap=True)
     for line in next_commands(run_dir):
         console.print(line, soft_wrap=True, markup=False)
 

@@ -293,14 +293,13 @@ class Config:
 
     def validate(self) -> None:
         """Each section checks its own ranges; the checks that join two sections are here."""
+        require = checker("", self)
         for name, _, kind in iter_fields():  # .inf and .nan would pass the range checks
             if kind is float:
-                checker("", self)(math.isfinite(functools.reduce(getattr, name.split("."), self)), name,
-                                  "must be a finite number")
+                require(math.isfinite(functools.reduce(getattr, name.split("."), self)), name, "must be a finite number")
         for section in (self.model, self.lora, self.data, self.rollout, self.grpo, self.optim, self.train,
                         self.logging, self.eval):
             section.validate()
-        require = checker("", self)
         require(bool(self.rubric), "rubric", "must name a rubric YAML file")
         check_task_options(self.data.dataset, self.task)
         require(not (self.grpo.reward_aggregation == "normalize_then_sum" and self.rollout.sgrpo),

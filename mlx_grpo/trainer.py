@@ -29,6 +29,7 @@ from mlx_grpo.distributed import World
 from mlx_grpo.evaluate import evaluate_with_config
 from mlx_grpo.metrics import MetricsHub
 from mlx_grpo.metrics.entropy_dump import EntropyDumper
+from mlx_grpo.metrics.tracker import FirstAndLast
 from mlx_grpo.metrics.run_log import LOG_FILES, RunLogger, StepOutcome
 from mlx_grpo.policy import COMPILE_BUCKET, Policy
 from mlx_grpo.rewards import RubricWatcher, Scorer, contiguous_groups, describe_rubric
@@ -66,7 +67,7 @@ class RunIO:
 @dataclass
 class TrainState:
     step: int = 0
-    rewards: list[float] = field(default_factory=list)  # mean reward per step, for the summary
+    reward_ends: FirstAndLast = field(default_factory=FirstAndLast)  # the first and latest mean rewards, for the report
     stop_reason: str | None = None  # set when training ended before cfg.train.steps (e.g. budget spent)
     summary: list[list] = field(default_factory=list)  # per-criterion [name, mean, std, min, max, samples]
     nonfinite_skips: int = 0  # updates skipped for a NaN/inf loss or gradient
@@ -219,7 +220,7 @@ def wrap_up(state: TrainState, policy: Policy, logger: RunLogger, checkpointer: 
     if run_complete and world.is_main:
         state.summary = logger.finish(state.step)
     logger.close()
-    state.rewards = logger.rewards
+    state.reward_ends = logger.reward_ends
 
 
 def train_batch(cfg: Config, rollout):

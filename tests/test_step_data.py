@@ -4,6 +4,7 @@ configuration's names (today's, and those of earlier versions)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,16 @@ import pytest
 from mlx_grpo.config import REMOVED, RENAMED, Config, iter_fields, load_config, load_run_config
 from mlx_grpo.data import load_dataset
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.tasks import BUILTIN_TASKS, task_option_defaults
 from mlx_grpo.metrics.run_log import StepOutcome
-from mlx_grpo.rewards import load_rubric
+from mlx_grpo.metrics.tracker import FirstAndLast
+from mlx_grpo.rewards import Scorer, load_rubric
 from mlx_grpo.rewards.correct import CorrectRule
 from mlx_grpo.rewards.scoring import RewardBatch
+from mlx_grpo.rewards.teacher import LATENCY_WINDOW, TeacherUsage
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,3 +114,33 @@ def test_each_section_validates_itself():
     cfg.eval.samples = 0
     with pytest.raises(UserInputError, match="eval.samples must be at least 1"):
         cfg.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint that does not grow with the run
+
+
+def test_the_final_reports_rewards_and_the_teacher_latencies_are_bounded():
+    ends = FirstAndLast()
+    sizes = {}
+    for step in range(1, 10_001):
+        ends.add(0.001 * step)
+        if step in (100, 10_000):
+            sizes[step] = len(json.dumps(ends.state_dict()))
+    assert ends.first == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert ends.last == pytest.approx([9.996, 9.997, 9.998, 9.999, 10.0])
+    assert sizes[10_000] <= 1.2 * sizes[100]
+    scorer = Scorer(load_rubric(REPO / "rubrics" / "largest.yaml"))
+    try:
+        scorer.restore_usage(TeacherUsage(), [float(i) for i in range(5_000)])  # a long run's checkpoint
+        assert scorer.state_dict()["latencies"] == [float(i) for i in range(5_000 - LATENCY_WINDOW, 5_000)]
+    finally:
+        scorer.close()
+
+
+def test_the_help_names_every_option_of_every_task():
+    help_text = {name: f for name, f, _ in iter_fields()}["task"].metadata["help"]
+    for task in BUILTIN_TASKS:
+        assert f"{task}:" in help_text or task == "coding"  # coding takes only the instruction
+        for option in task_option_defaults(task):
+            assert option in help_text, (task, option)

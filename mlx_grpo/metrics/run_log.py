@@ -29,7 +29,7 @@ from mlx_grpo.metrics.record import (alias_metrics, critic_metrics,
                                      criterion_metrics, length_metrics, reward_metrics, teacher_metrics,
                                      timing_per_token)
 from mlx_grpo.metrics.system import SystemSampler
-from mlx_grpo.metrics.tracker import MetricsTracker
+from mlx_grpo.metrics.tracker import FirstAndLast, MetricsTracker
 from mlx_grpo.rewards import Scorer
 from mlx_grpo.rewards.scoring import RewardBatch
 from mlx_grpo.rollout import Rollout
@@ -117,7 +117,7 @@ class RunLogger:
         self.health = HealthMonitor(HealthConfig(zero_std_window=5, flat_reward_window=10,
                                                  warmup_steps=cfg.optim.warmup_steps),
                                     teacher=scorer.teacher is not None)
-        self.rewards: list[float] = []  # mean reward per step, for the summary
+        self.reward_ends = FirstAndLast()  # the first and latest steps' mean rewards, for the final report
         self.elapsed_before = 0.0  # of the run before a resume
         self.start_time = time.perf_counter()
         self.system = SystemSampler()  # every second
@@ -193,7 +193,7 @@ class RunLogger:
         for warning in warnings:
             self.notify(f"health: {warning}")
             self.hub.log_text(out.step, "health/warnings", warning)
-        self.rewards.append(record["Train/AvgReward"])
+        self.reward_ends.add(record["Train/AvgReward"])
         self._write_completions(out)
         self._log_gaming(out)
         if self.progress is not None:
@@ -240,13 +240,15 @@ class RunLogger:
         self.breakdown.close()
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict(), "health": self.health.state_dict(), "rewards": self.rewards,
+        return {"tracker": self.tracker.state_dict(), "health": self.health.state_dict(),
+                "reward_ends": self.reward_ends.state_dict(),
                 "elapsed_s": time.perf_counter() - self.start_time}
 
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.health.load_state_dict(state["health"])
-        self.rewards = list(state["rewards"])
+        self.reward_ends.load_state_dict(state.get("reward_ends") or {"first": state["rewards"][:FirstAndLast.KEEP],
+                                                                      "last": state["rewards"][-FirstAndLast.KEEP:]})
         self.elapsed_before = state["elapsed_s"]
 
 

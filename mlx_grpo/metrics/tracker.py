@@ -23,7 +23,9 @@ from mlx_grpo.metrics.record import correctness_metrics
 RECENT = 10  # samples in rewards/*_recent_mean, and the minimum before a histogram is logged
 # Steps whose speeds the percentiles cover: the state a checkpoint saves stays the same size however
 # long the run (the speeds of a 10,000-step run would otherwise be re-saved at every checkpoint).
-SPEED_WINDOW = 1000
+# The speed percentiles cover the latest 100 steps: recent enough to show a slowdown (a Mac that
+# throttles, a teacher that queues) within a hundred steps, and a checkpoint that does not grow.
+SPEED_WINDOW = 100
 
 
 @dataclass
@@ -122,6 +124,26 @@ class EpochStats:
         self.rewards, self.losses, self.api_tokens, self.samples = [], [], 0, 0
         self.prompts = max(0, self.prompts - self.prompts_per_epoch)
         return record
+
+
+@dataclass
+class FirstAndLast:
+    """The first KEEP values of a series and its latest KEEP: how a run began and how it ended,
+    in a state that does not grow with the run."""
+    KEEP = 5
+    first: list = field(default_factory=list)
+    last: list = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        if len(self.first) < self.KEEP:
+            self.first.append(value)
+        self.last = [*self.last, value][-self.KEEP:]
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first, self.last = list(state["first"]), list(state["last"])
 
 
 class MetricsTracker:

@@ -34,7 +34,7 @@ from mlx_grpo.rewards.cache import ScoreCache
 from mlx_grpo.rewards.checks import CHECKS
 from mlx_grpo.rewards.gaming import suspected_gaming
 from mlx_grpo.rewards.rubric import Criterion, Rubric
-from mlx_grpo.rewards.teacher import Teacher, TeacherUsage
+from mlx_grpo.rewards.teacher import LATENCY_WINDOW, Teacher, TeacherUsage
 from mlx_grpo.rewards.user_checks import call_user_check, call_user_check_async
 
 
@@ -159,7 +159,7 @@ class Scorer:
             old.rubric_version = rubric.version
         if old is not None and old is not self.teacher:
             self._usage_before = self._add(self._usage_before, old.usage)
-            self._latencies_before += old.latencies
+            self._latencies_before = (self._latencies_before + list(old.latencies))[-LATENCY_WINDOW:]
             self._run(old.close())
         if self.teacher is not None:
             self._recent = deque(self._recent, maxlen=self.teacher.cfg.failure_window)
@@ -287,7 +287,7 @@ class Scorer:
     def restore_usage(self, usage: TeacherUsage, latencies: list[float]) -> None:
         """Continue a resumed run's accounting (budget, totals, latency percentiles); what this
         process already spent (the preflight) is added on top."""
-        self._usage_before, self._latencies_before = usage, list(latencies)
+        self._usage_before, self._latencies_before = usage, list(latencies)[-LATENCY_WINDOW:]
 
     def state_dict(self) -> dict:
         """The run's teacher accounting, as plain numbers (for a checkpoint), and for whoever reads
@@ -302,8 +302,9 @@ class Scorer:
 
     @property
     def latencies(self) -> list[float]:
-        """Seconds per answered teacher request over the whole run."""
-        return self._latencies_before + (self.teacher.latencies if self.teacher is not None else [])
+        """Seconds per answered teacher request, the latest LATENCY_WINDOW of the run."""
+        now = list(self.teacher.latencies) if self.teacher is not None else []
+        return (self._latencies_before + now)[-LATENCY_WINDOW:]
 
     def check_failures(self) -> None:
         """Raise TeacherUnavailable when the recent failure rate passes the rubric's threshold."""

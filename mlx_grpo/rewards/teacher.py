@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -31,6 +32,8 @@ from mlx_grpo.errors import UserInputError
 from mlx_grpo.rewards import judge
 from mlx_grpo.rewards.cache import ScoreCache, score_key
 from mlx_grpo.rewards.teacher_config import SCORING, TeacherConfig
+
+LATENCY_WINDOW = 1000  # answered requests whose latencies the percentiles cover
 
 RETRYABLE_STATUS = {408, 409, 429}
 FORMAT_FALLBACK = {"json_schema": "json_object", "json_object": "text"}
@@ -139,7 +142,9 @@ class Teacher:
         self.warn = warn
         self._key = api_key(cfg)
         self.usage = TeacherUsage()
-        self.latencies: list[float] = []  # seconds per answered request, for Scoring/Teacher_Latency*
+        # Seconds per answered request, for Scoring/Teacher_Latency*: the latest LATENCY_WINDOW, so
+        # neither memory nor a checkpoint grows with the length of the run.
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.last_error = ""
         # How scores are asked for. `auto` starts at json_schema and steps down on a 400 until the
         # preflight has checked what the server really honours (`choose_scoring`).
