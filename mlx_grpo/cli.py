@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 import mlx_grpo  # noqa: F401  (loads the optimised BLAS before mlx.core)
-from mlx_grpo.config import (Config, iter_fields, load_config, load_run_config, old_name_message, parse_cli_value,
-                             to_dict)
+from mlx_grpo.config import (Config, dropped_settings, iter_fields, load_config, load_run_config, old_name_message,
+                             parse_cli_value, to_dict)
 from mlx_grpo.errors import UserInputError
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -422,6 +422,8 @@ def train_main(argv: list[str] | None = None) -> int:
             output_dir = overrides.get("train.output_dir", Config().train.output_dir)
             run_dir = resume_target(args.resume, output_dir)
             # The run's own config; the command line may change e.g. train.steps to go further.
+            for change in dropped_settings(run_dir):  # settings of an earlier version that this one fixes
+                console.print(f"note: this run's {change}", soft_wrap=True, markup=False)
             return run_training(load_run_config(run_dir, overrides), console, resume_dir=run_dir, force=args.force)
         config_path = args.config
         if config_path == DEFAULT_CONFIG and not Path(config_path).exists():

@@ -335,19 +335,19 @@ RENAMED = {
     **{f"data.{name}": f"task.{name}"  # options of one built-in task, checked by that task
        for name in ("instruction", "list_size", "min_list_size", "max_value", "max_ops", "max_operand")},
 }
-REMOVED = {
-    "rollout.window_min_tokens": "the adaptive window's floor is 4 tokens",
-    "rollout.window_margin": "the adaptive window adds 4 tokens of margin",
-    "rollout.window_percentile": "the adaptive window covers the 95th percentile",
-    "rollout.window_epsilon": "the adaptive window explores on one step in ten",
-    "rollout.window_history": "the adaptive window remembers the latest 256 successes",
-    "data.curriculum_window": "the curriculum's accuracy is over the level's latest 64 completions",
-    "data.on_bad_line": "a malformed JSONL line is always an error naming its line",
-    "train.max_nonfinite_skips": "training stops after 5 non-finite updates in a row",
-    "grpo.logprob_chunk_size": "log-probs are computed 64 positions at a time",
-    "eval.chunk_rows": "evaluation generates 64 completions at a time",
-    "logging.system_interval_s": "System/* is sampled every second",
-    "logging.performance_every": "Performance/Generation_* is logged every step",
+REMOVED = {  # setting: (its earlier default, what holds now)
+    "rollout.window_min_tokens": (4, "the adaptive window's floor is 4 tokens"),
+    "rollout.window_margin": (4, "the adaptive window adds 4 tokens of margin"),
+    "rollout.window_percentile": (95.0, "the adaptive window covers the 95th percentile"),
+    "rollout.window_epsilon": (0.1, "the adaptive window explores on one step in ten"),
+    "rollout.window_history": (256, "the adaptive window remembers the latest 256 successes"),
+    "data.curriculum_window": (64, "the curriculum's accuracy is over the level's latest 64 completions"),
+    "data.on_bad_line": ("error", "a malformed JSONL line is always an error naming its line"),
+    "train.max_nonfinite_skips": (5, "training stops after 5 non-finite updates in a row"),
+    "grpo.logprob_chunk_size": (64, "log-probs are computed 64 positions at a time"),
+    "eval.chunk_rows": (64, "evaluation generates 64 completions at a time"),
+    "logging.system_interval_s": (1.0, "System/* is sampled every second"),
+    "logging.performance_every": (10, "Performance/Generation_* is logged every step"),
 }
 # logging.wandb_mode's values, as logging.wandb values (a run's old config.yaml)
 _OLD_WANDB_MODES = {"online": "on", "offline": "offline", "disabled": "off"}
@@ -360,8 +360,17 @@ def old_name_message(dotted: str) -> str | None:
         choices = dict((n, f.metadata.get("choices")) for n, f, _ in iter_fields()).get(new)
         return f"'{dotted}' is now '{new}'" + (f" ({', '.join(choices)})" if choices else "")
     if dotted in REMOVED:
-        return f"'{dotted}' was removed: {REMOVED[dotted]}"
+        return f"'{dotted}' was removed: {REMOVED[dotted][1]}"
     return None
+
+
+def dropped_settings(run_dir: Path) -> list[str]:
+    """The removed settings that a run recorded by an earlier version had changed from their
+    default, each with what holds now: a resumed run continues without them."""
+    path = Path(run_dir) / "config.yaml"
+    flat = _flatten(_read_yaml(path)) if path.is_file() else {}
+    return [f"{name} was {flat[name]!r}; now {now}" for name, (default, now) in REMOVED.items()
+            if name in flat and flat[name] != default]
 
 
 def _coerce(value: Any, kind, where: str) -> Any:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_grpo.config import REMOVED, RENAMED, Config, iter_fields, load_config, load_run_config
+from mlx_grpo.config import (REMOVED, RENAMED, Config, dropped_settings, iter_fields, load_config,
+                             load_run_config)
 from mlx_grpo.data import load_dataset
 from mlx_grpo.errors import UserInputError
 from mlx_grpo.tasks import BUILTIN_TASKS, task_option_defaults
@@ -86,6 +87,7 @@ def test_a_run_recorded_by_an_earlier_version_loads_under_todays_names(tmp_path)
     assert cfg.task == {"list_size": 4, "max_value": 99, "instruction": "", "min_list_size": 0}  # largest's own
     assert cfg.logging.wandb == "offline" and cfg.reward.correct_threshold == 0.5 and cfg.train.steps == 50
     assert not cfg.rollout.sgrpo
+    assert dropped_settings(tmp_path) == ["rollout.window_margin was 2; now the adaptive window adds 4 tokens of margin"]
 
 
 def test_task_options_belong_to_the_task():
