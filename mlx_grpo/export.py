@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_grpo.errors import UserInputError, first_line
-from mlx_grpo.fileio import atomic_write
+from mlx_grpo.fileio import atomic_dir, atomic_write
 
 # Bytes a weight takes in each GGUF type (Q8_0: 34 bytes a block of 32), for the free-space check.
 GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
@@ -105,24 +103,6 @@ def check_free_space(directory: Path, needed_bytes: float) -> None:
                              f"{needed_bytes / 1e9:.2f} GB and {free / 1e9:.2f} GB are free")
 
 
-def write_atomic_dir(target: Path, write) -> None:
-    """write(tmp_dir) into a temporary directory beside `target`, then rename it over `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = target.with_name(f".{target.name}.old")
-    try:
-        with disk_errors(target):
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model is an ordinary directory
-            write(tmp)
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_fused_dir(model: nn.Module, tokenizer, config: dict, source_dir: Path, target: Path) -> None:
     """An mlx-lm model directory (weights, config.json, tokenizer, chat template) that `mlx_lm.load`
     and LM Studio's MLX engine load as they would any model."""
@@ -131,14 +111,14 @@ def save_fused_dir(model: nn.Module, tokenizer, config: dict, source_dir: Path, 
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     target.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(target.parent, weights_bytes)
-    write_atomic_dir(target, lambda tmp: save(tmp, source_dir, model, tokenizer, config, donate_model=False))
+    with disk_errors(target):
+        atomic_dir(target, lambda tmp: save(tmp, source_dir, model, tokenizer, config, donate_model=False))
 
 
 def save_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path, path: Path, outtype: str,
               name: str) -> None:
-    from mlx_grpo.gguf.writer import check_exportable, write_gguf
+    from mlx_grpo.gguf.writer import write_gguf  # (which refuses an architecture it cannot write)
 
-    check_exportable(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(path.parent, sum(v.size for v in weights.values()) * GGUF_BYTES_PER_WEIGHT[outtype])
     with disk_errors(path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,3 +30,27 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_dir(target: Path, write, replace: bool = True) -> None:
+    """write(tmp_dir) into a temporary directory beside `target`, then rename it into place: a crash
+    never leaves half a directory. An existing `target` is replaced, or with replace=False kept
+    (another process made the same directory first, and theirs is just as good)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = target.with_name(f".{target.name}.old")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; what we write is an ordinary directory
+        write(tmp)
+        if target.exists() and replace:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # (replace=False) the other process renamed its directory into place first
+            if replace or not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

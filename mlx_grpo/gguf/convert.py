@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
 from mlx_grpo.errors import UserInputError
+from mlx_grpo.fileio import atomic_dir
 from mlx_grpo.gguf.header import check_arch, gguf_architecture, scalar
 from mlx_grpo.gguf.tokenizer import build_tokenizer, tokenizer_config
 
@@ -75,23 +74,14 @@ def materialize_gguf(gguf_path: str | Path, dtype: str = "float32") -> Path:
     tokenizer = build_tokenizer(metadata, gguf)
     tok_config = tokenizer_config(metadata)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the target and rename: a crash or a concurrent run never leaves half a model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+    def write(tmp: Path) -> None:
         mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tok_config)
         _write_json(tmp / "config.json", config)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first; theirs is just as good.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # A crash or a concurrent run never leaves half a model; a concurrent run's finished one is kept.
+    atomic_dir(target, write, replace=False)
     return target
 
 
