@@ -375,9 +375,13 @@ def dropped_settings(run_dir: Path) -> list[str]:
 
 def _coerce(value: Any, kind, where: str) -> Any:
     """Check a YAML/CLI value against the field's type; ints are accepted for floats."""
-    if isinstance(kind, types.GenericAlias) or kind in (list, dict):
-        if not isinstance(value, kind if kind in (list, dict) else list):
-            raise UserInputError(f"{where}: expected a {'mapping' if kind is dict else 'list'}, got {value!r}")
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise UserInputError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if isinstance(kind, types.GenericAlias) or kind is list:
+        if not isinstance(value, list):
+            raise UserInputError(f"{where}: expected a list, got {value!r}")
         return value
     if kind is bool:
         if isinstance(value, bool):

@@ -114,7 +114,6 @@ def load_dataset(
     split: str = "train",
     seed: int = 0,
     size: int | None = None,
-    on_bad_line: str = "error",
     **options,
 ) -> list[dict]:
     """A built-in task by name ("largest", "arithmetic", "coding") or the rows of a .jsonl file.
@@ -131,7 +130,7 @@ def load_dataset(
         return BUILTIN_TASKS[spec](split, n, seed, **options)
     path = Path(spec).expanduser()
     if path.is_file():
-        rows, _ = load_jsonl(path, on_bad_line=on_bad_line)
+        rows, _ = load_jsonl(path)  # a malformed line is an error naming it
         return rows if size is None else rows[:size]
     raise UserInputError(
         f"dataset {spec!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) and no such file"
